@@ -1,0 +1,376 @@
+"""``NCF``: the estimator users start from (fit, maps in closed form, save/load)."""
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+
+import numpy as np
+import torch
+
+from . import costs as costs_mod
+from .data import check_labels, check_samples
+from .potential import PotentialMLP
+from .sampling import Collocation, SampleSet
+from .trainer import TrainConfig, Trainer, new_history
+
+__all__ = ["NCF", "FORMAT"]
+
+FORMAT = "ncf_fast.checkpoint/1"
+_STANDARDIZE_DRAW = 10_000  # sampler draws used to estimate the shift and scale
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or their names), got {dtype!r}")
+    return dtype
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1')") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available here; use device='cpu'")
+    return device
+
+
+def default_hidden(dim: int) -> tuple[int, ...]:
+    """Three hidden layers, wider in higher dimension: 64 for d <= 4, 128 for d <= 8, then 256."""
+    width = int(min(256, max(64, 2 ** np.ceil(np.log2(16 * dim)))))
+    return (width, width, width)
+
+
+class NCF:
+    """Neural characteristic flow between two sample sets: one potential u(x, t), closed-form maps.
+
+        forward   T(x)   = x + t_f grad h(grad_x u(x, 0))
+        backward  T^-1(y) = y - t_f grad h(grad_x u(y, t_f))
+        path      x(t)   = x + t grad h(grad_x u(x, 0))
+
+    Args:
+        dim: dimension d of the samples.
+        hidden: hidden widths of the potential's MLP (default: :func:`default_hidden`).
+        activation: "softplus", "tanh" or "silu".
+        cost: "quadratic", "power:q" (1 < q <= 2) or a :class:`ncf_fast.costs.Cost`.
+        t_final: horizon t_f of the cost c(x, y) = t_f l((y - x) / t_f).
+        device: torch device (default: CUDA if available, else CPU).
+        dtype: torch.float32 or torch.float64.
+        seed: seeds the initialisation and the training stream; None draws one (kept in ``seed``).
+        backend: "auto", "reference", "torch" or "triton" (see :class:`ncf_fast.PotentialMLP`).
+    """
+
+    def __init__(self, dim: int, hidden=None, activation: str = "softplus", cost="quadratic",
+                 t_final: float = 1.0, device=None, dtype=torch.float32, seed: int | None = None,
+                 backend: str = "auto"):
+        if isinstance(t_final, bool) or not isinstance(t_final, (int, float)) or not t_final > 0:
+            raise ValueError(f"t_final must be a positive number, got {t_final!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        self.cost = costs_mod.get(cost)
+        self.t_final = float(t_final)
+        self.device = _device(device)
+        self.dtype = _dtype(dtype)
+        self.seed = int(seed) if seed is not None else secrets.randbits(31)
+        hidden = default_hidden(dim) if hidden is None else hidden
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = PotentialMLP(dim, hidden, activation, backend)
+            # u starts constant: T = identity, residual 0; the first steps grow it from there
+            torch.nn.init.zeros_(self.model.layers[-1].weight)
+        self.model.to(self.device, self.dtype)
+        self.dim = dim
+        self.shift = torch.zeros(dim, dtype=torch.float64)
+        self.scale = 1.0
+        self.history = new_history()
+        self.train_config: TrainConfig | None = None
+        self.trainer: Trainer | None = None
+
+    # ----------------------------------------------------------------------------- config
+    @property
+    def config(self) -> dict:
+        """What rebuilds this estimator: the constructor's arguments."""
+        return {"dim": self.dim, "hidden": list(self.model.hidden), "activation": self.model.activation,
+                "cost": self.cost.spec, "t_final": self.t_final,
+                "dtype": str(self.dtype).replace("torch.", ""), "seed": self.seed,
+                "backend": self.model.backend}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"NCF(dim={c['dim']}, hidden={tuple(c['hidden'])}, activation={c['activation']!r}, "
+                f"cost={c['cost']!r}, t_final={c['t_final']:g}, device={str(self.device)!r}, "
+                f"backend={c['backend']!r})")
+
+    # ------------------------------------------------------------------- coordinates
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Data units -> the model's coordinates (x - shift) / scale, on the model's device."""
+        shift = self.shift.to(self.device, self.dtype)
+        return (x.to(self.device, self.dtype) - shift) / self.scale
+
+    def _set_standardization(self, source: np.ndarray, target: np.ndarray):
+        """One shared shift (midpoint of the means) and ONE isotropic scale for both sets.
+
+        scale^2 = (E|x - c|^2 + E|y - c|^2) / (2d). A per-axis scale would change the cost and
+        hence the map; costs that are not homogeneous (degree None) are only shifted.
+        """
+        mean_s, mean_t = source.mean(0), target.mean(0)
+        center = 0.5 * (mean_s + mean_t)
+        self.shift = torch.as_tensor(center, dtype=torch.float64)
+        if self.cost.degree is None:
+            self.scale = 1.0
+            return
+        spread = (((source - center) ** 2).sum(1).mean() + ((target - center) ** 2).sum(1).mean())
+        scale = float(np.sqrt(spread / (2 * self.dim)))
+        self.scale = scale if scale > 0 else 1.0
+
+    def _push(self, x_std: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """Forward map in standardised coordinates."""
+        _, p = self.model.value_and_grad(x_std, 0.0, create_graph=create_graph)
+        return x_std + self.t_final * self.cost.grad_h(p)
+
+    # ------------------------------------------------------------------------ fitting
+    def _sample_set(self, data, labels, name):
+        """-> (SampleSet, numpy preview for standardisation, holdout tensors or None, labels)."""
+        if callable(data) and not isinstance(data, (np.ndarray, torch.Tensor)):
+            if labels is not None:
+                raise ValueError(f"{name}_labels cannot be used with a sampler; pass arrays instead")
+
+            def sampler(n, _f=data):
+                draw = _f(n)
+                check_samples(draw, f"{name} sampler output", self.dim)
+                if draw.shape[0] != n:
+                    raise ValueError(f"{name} sampler returned {draw.shape[0]} rows for n={n}")
+                return draw
+            preview = sampler(_STANDARDIZE_DRAW)
+            return sampler, _as_numpy(preview), None
+        check_samples(data, name, self.dim)
+        lab = check_labels(labels, data.shape[0], f"{name}_labels") if labels is not None else None
+        return data, _as_numpy(data), lab
+
+    def fit(self, source, target, *, steps: int | None = None, batch_size: int | None = None,
+            lr: float | None = None, mmd_weight: float | None = None, source_labels=None,
+            target_labels=None, progress: bool = True, callback=None, **options) -> "NCF":
+        """Train the potential so that T pushes ``source`` onto ``target`` optimally.
+
+        Args:
+            source, target: arrays (N, d) / (M, d) (numpy or torch; sizes may differ) or samplers
+                ``n -> (n, d)`` in data units.
+            steps, batch_size, lr, mmd_weight: see :class:`ncf_fast.trainer.TrainConfig`
+                (its other fields, e.g. ``mmd_batch_size``, ``lr_final``, ``collocation``, are
+                accepted as keywords too).
+            source_labels, target_labels: integer class labels (N,), (M,) for class-conditional
+                OT: L_MMD becomes the mean of per-class energy distances.
+            progress: show a tqdm bar with the loss terms.
+            callback: ``callback(step, logs) -> bool``; True stops early.
+        Returns:
+            self, with ``history`` (per-step "hj", "mmd", "lr"; held-out checks in "heldout").
+        """
+        given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mmd_weight": mmd_weight}
+        given = {k: v for k, v in given.items() if v is not None}
+        valid = {f for f in TrainConfig.__dataclass_fields__}
+        unknown = set(options) - valid
+        if unknown:
+            import difflib
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, sorted(valid), n=1)
+            raise TypeError(f"fit() got an unknown option {name!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
+        config = TrainConfig(**{**given, **options})
+        if (source_labels is None) != (target_labels is None):
+            raise ValueError("class-conditional OT needs both source_labels and target_labels")
+        self.trainer = self._make_trainer(source, target, source_labels, target_labels, config)
+        self.trainer.run(progress=progress, callback=callback, history=self.history)
+        return self
+
+    def _make_trainer(self, source, target, source_labels, target_labels, config: TrainConfig):
+        src, src_np, src_lab = self._sample_set(source, source_labels, "source")
+        tgt, tgt_np, tgt_lab = self._sample_set(target, target_labels, "target")
+        if src_lab is not None:
+            only_s = sorted(set(np.unique(src_lab)) - set(np.unique(tgt_lab)))
+            only_t = sorted(set(np.unique(tgt_lab)) - set(np.unique(src_lab)))
+            if only_s or only_t:
+                raise ValueError(f"every class must appear in both source and target labels: "
+                                 f"only in source {only_s}, only in target {only_t}")
+        self._set_standardization(src_np, tgt_np)
+        self.train_config = config
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed)
+
+        def std(x):
+            return self._standardize(torch.as_tensor(x))
+
+        sets, held = [], []
+        for data, lab in ((src, src_lab), (tgt, tgt_lab)):
+            if callable(data) and not isinstance(data, (np.ndarray, torch.Tensor)):
+                sets.append(SampleSet(sampler=data, standardize=std))
+                held.append((std(data(config.holdout or 1024)), None))
+                continue
+            x = std(data)
+            labels = torch.as_tensor(lab, device=self.device) if lab is not None else None
+            n = x.shape[0]
+            perm = torch.randperm(n, generator=generator, device=self.device)
+            keep, out = perm[config.holdout:], perm[:config.holdout]
+            if config.holdout and n >= 4 * config.holdout and (
+                    labels is None or torch.unique(labels[out]).numel() == torch.unique(labels).numel()):
+                held.append((x[out], labels[out] if labels is not None else None))
+                x, labels = x[keep], (labels[keep] if labels is not None else None)
+            else:  # too few samples to spare (or a class would be missing): check on training samples
+                held.append((x, labels))
+            sets.append(SampleSet(data=x, labels=labels))
+        both = torch.cat([std(src_np), std(tgt_np)])
+        lo, hi = both.min(0).values, both.max(0).values
+        margin = config.box_margin * (hi - lo)
+        collocation = Collocation(dict(config.collocation), lo - margin, hi + margin, self.t_final)
+        holdout = (held[0][0], held[1][0], held[0][1], held[1][1])
+        return Trainer(self, sets[0], sets[1], holdout, config, collocation, generator)
+
+    # --------------------------------------------------------------------------- maps
+    def _chunk_rows(self) -> int:
+        # the fused sweep keeps ~4 (rows x width) tensors per layer: bound that to ~32 MB
+        return max(256, (1 << 23) // (4 * sum(self.model.hidden)))
+
+    def _apply(self, x, name, fn):
+        """Evaluate fn(x_std (n, d), rows) -> tensor in chunks; numpy in/out or torch on x's device."""
+        is_numpy = not isinstance(x, torch.Tensor)
+        if is_numpy and not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array or torch tensor of shape (N, {self.dim}), "
+                            f"got {type(x).__name__}")
+        check_samples(x, name, self.dim, min_samples=0)
+        xt = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else x.detach()
+        rows = self._chunk_rows()
+        outs = []
+        with torch.no_grad():
+            for start in range(0, max(xt.shape[0], 1), rows):
+                chunk = xt[start:start + rows]
+                outs.append(fn(chunk, slice(start, start + chunk.shape[0])).to(
+                    device=xt.device, dtype=xt.dtype))
+        out = torch.cat(outs) if xt.shape[0] else outs[0]
+        return out.numpy() if is_numpy else out
+
+    def _displacement(self, x_chunk, t):
+        """t_f grad h(grad_x u(x', t)) in data units: s * t_f grad h(p)."""
+        _, p = self.model.value_and_grad(self._standardize(x_chunk), t)
+        return self.scale * self.cost.grad_h(p).double()
+
+    def transport(self, x):
+        """Forward map T(x) = x + t_f grad h(grad_x u(x, 0)): (N, d) -> (N, d)."""
+        return self._apply(x, "x", lambda c, _: c.to(self.device, torch.float64)
+                           + self._displacement(c, 0.0))
+
+    def inverse(self, y):
+        """Backward map T^-1(y) = y - t_f grad h(grad_x u(y, t_f)): (N, d) -> (N, d)."""
+        return self._apply(y, "y", lambda c, _: c.to(self.device, torch.float64)
+                           - self._displacement(c, self.t_final))
+
+    def interpolate(self, x, t):
+        """Points x(t) = x + t grad h(grad_x u(x, 0)) on the straight characteristics.
+
+        t: a number in [0, t_f] or one time per row, shape (N,). x(0) = x, x(t_f) = T(x).
+        """
+        n = x.shape[0] if hasattr(x, "shape") else 0
+        tt = torch.as_tensor(_as_numpy(t) if not isinstance(t, torch.Tensor) else t.detach().cpu(),
+                             dtype=torch.float64)
+        if tt.dim() > 1 or (tt.dim() == 1 and tt.shape[0] != n):
+            raise ValueError(f"t must be a number or have shape ({n},), got {tuple(tt.shape)}")
+        if bool(((tt < 0) | (tt > self.t_final)).any()):
+            raise ValueError(f"t must lie in [0, t_final={self.t_final:g}]")
+        tt = tt.to(self.device)
+
+        def fn(c, rows):
+            tc = tt if tt.dim() == 0 else tt[rows]
+            step = self._displacement(c, 0.0) / self.t_final
+            return c.to(self.device, torch.float64) + tc.reshape(-1, 1) * step
+        return self._apply(x, "x", fn)
+
+    def potential(self, x, t=0.0):
+        """u(x, t) in data units: scale^degree * u_model((x - shift) / scale, t); shape (N,)."""
+        factor = self.scale ** (self.cost.degree or 0.0)
+
+        def fn(c, rows):
+            tc = t
+            if isinstance(t, (np.ndarray, torch.Tensor)) and np.ndim(t) == 1:
+                tc = torch.as_tensor(t)[rows].to(self.device, self.dtype)
+            return factor * self.model(self._standardize(c), tc).double()
+        return self._apply(x, "x", fn)
+
+    # ---------------------------------------------------------------------- save/load
+    def _checkpoint(self) -> dict:
+        from . import __version__
+        return {"format": FORMAT, "version": __version__, "config": self.config,
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "shift": self.shift.clone(), "scale": float(self.scale),
+                "history": {k: (list(v) if isinstance(v, list) else v) for k, v in self.history.items()}}
+
+    def save(self, path) -> None:
+        """Write config, weights, standardisation and library version to one file, atomically."""
+        save_atomic(self._checkpoint(), path)
+
+    @classmethod
+    def load(cls, path, device=None) -> "NCF":
+        """Load a model saved by :meth:`save` (or a CLI checkpoint). Never executes code from the file."""
+        return cls.from_checkpoint(read_checkpoint(path), device=device, path=path)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device=None, path="checkpoint") -> "NCF":
+        try:
+            cfg = dict(ckpt["config"])
+            hidden = tuple(int(h) for h in cfg["hidden"])
+            ncf = cls(int(cfg["dim"]), hidden=hidden, activation=cfg["activation"], cost=cfg["cost"],
+                      t_final=float(cfg["t_final"]), device=device, dtype=cfg["dtype"],
+                      seed=int(cfg["seed"]), backend=cfg.get("backend", "auto"))
+            ncf.model.load_state_dict(ckpt["state_dict"])
+            ncf.shift = torch.as_tensor(ckpt["shift"], dtype=torch.float64).reshape(ncf.dim)
+            ncf.scale = float(ckpt["scale"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{path}: not a valid ncf_fast checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0]})") from exc
+        history = ckpt.get("history")
+        if isinstance(history, dict):
+            ncf.history.update(history)
+        return ncf
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, EOFError, zip errors: all say "bad file"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ValueError(f"{path}: refusing to load: the file holds pickled Python objects "
+                             "(only tensors and plain data are allowed)") from None
+        raise ValueError(f"{path}: truncated or corrupted checkpoint ({first[:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an ncf_fast checkpoint (missing format tag {FORMAT!r})")
+    return ckpt
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)

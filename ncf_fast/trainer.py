@@ -1,0 +1,241 @@
+"""The training loop: Adam on L = L_HJ + lambda L_MMD with a warm-up + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .energy import (class_conditional_energy_distance, energy_distance, per_class_mean,
+                     witness_energy_distance)
+from .losses import hj_residual
+from .sampling import Collocation, SampleSet
+
+__all__ = ["TrainConfig", "Trainer", "lr_at"]
+
+
+def _default_collocation():
+    return {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :meth:`ncf_fast.NCF.fit` (all have working defaults).
+
+    steps: optimizer steps. batch_size: collocation points per step (L_HJ).
+    mmd_batch_size: target samples per step for the energy distance (L_MMD), and as many
+    "passive" pushed source samples. mmd_active: pushed samples that carry L_MMD's gradient
+    (see :func:`ncf_fast.energy.witness_energy_distance`); 0 means the plain U-statistic over
+    mmd_batch_size pushed samples, all active.
+    lr: peak Adam learning rate; lr_final: the cosine schedule's end value; warmup: linear
+    warm-up steps. mmd_weight: lambda. collocation: mixture weights of rho
+    (source, target, interpolant, box); box_margin: the box's widening, as a fraction of the
+    data's range. eval_every: steps between held-out checks; holdout: samples per side kept
+    out of training for that check (arrays of at least 4x that size only).
+    ema: decay of an exponential moving average of the weights (0 disables); the maps use the
+    averaged weights, which filters the energy distance's sampling noise.
+    """
+
+    steps: int = 3000
+    batch_size: int = 512
+    mmd_batch_size: int = 2048
+    mmd_active: int = 256
+    lr: float = 2e-3
+    lr_final: float = 2e-5
+    warmup: int = 100
+    mmd_weight: float = 30.0
+    collocation: dict = field(default_factory=_default_collocation)
+    box_margin: float = 0.1
+    eval_every: int = 250
+    holdout: int = 2048
+    ema: float = 0.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "collocation":
+                if not isinstance(value, dict):
+                    raise TypeError(f"collocation must be a dict of weights, got {type(value).__name__}")
+                continue
+            kind = int if f.type in ("int", int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not float(value).is_integer()):
+                raise TypeError(f"{f.name} must be {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}")
+            setattr(self, f.name, kind(value))
+        positive = ("steps", "batch_size", "mmd_batch_size", "lr", "eval_every")
+        if self.mmd_active < 0:
+            raise ValueError(f"mmd_active must be >= 0, got {self.mmd_active}")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr_final", "warmup", "mmd_weight", "box_margin", "holdout"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.mmd_batch_size < 2:
+            raise ValueError(f"mmd_batch_size must be at least 2, got {self.mmd_batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate at ``step``: linear warm-up to lr, then cosine decay to lr_final."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    span = max(config.steps - config.warmup, 1)
+    frac = min((step - config.warmup) / span, 1.0)
+    return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * frac))
+
+
+class Trainer:
+    """Owns the optimizer, the random stream and the step counter of one fit (resumable).
+
+    ``ncf`` is the :class:`ncf_fast.NCF` being trained; ``source``/``target`` are
+    :class:`~ncf_fast.sampling.SampleSet` in standardised coordinates; ``holdout`` is
+    (source, target, source_labels, target_labels) tensors for the held-out check.
+    """
+
+    def __init__(self, ncf, source: SampleSet, target: SampleSet, holdout, config: TrainConfig,
+                 collocation: Collocation, generator: torch.Generator):
+        self.ncf, self.source, self.target, self.holdout = ncf, source, target, holdout
+        self.config, self.collocation, self.generator = config, collocation, generator
+        self.model = ncf.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step_count = 0
+        self.labelled = source.labels is not None
+        # the averaged weights; the live (optimised) ones are swapped in only while stepping
+        self.averaged = [p.detach().clone() for p in self.model.parameters()] if config.ema else None
+
+    def losses(self):
+        """(L_HJ, L_MMD) on a fresh batch, differentiable in the parameters."""
+        cfg, ncf = self.config, self.ncf
+        n_active = cfg.mmd_active
+        xs, ls = self.source.draw(n_active + cfg.mmd_batch_size, self.generator)
+        yt, lt = self.target.draw(cfg.mmd_batch_size, self.generator)
+        xc, tc = self.collocation.draw(cfg.batch_size, xs, yt, self.generator)
+        r = hj_residual(self.model, xc, tc, ncf.cost, ncf.t_final)
+        l_hj = (r * r).mean()
+        if n_active == 0:
+            pushed = ncf._push(xs, create_graph=True)
+            if self.labelled:
+                l_mmd = class_conditional_energy_distance(pushed, yt, ls, lt)
+            else:
+                l_mmd = energy_distance(pushed, yt)
+            return l_hj, l_mmd
+        # the draw is stratified by class in blocks, so split active/passive per class
+        if self.labelled:
+            active_idx, passive_idx = self._split_by_class(ls, n_active)
+        else:
+            active_idx, passive_idx = slice(0, n_active), slice(n_active, None)
+        active = ncf._push(xs[active_idx], create_graph=True)
+        with torch.no_grad():
+            passive = ncf._push(xs[passive_idx])
+        if self.labelled:
+            l_mmd = per_class_mean(witness_energy_distance, self.source.classes,
+                                   (active, ls[active_idx]), (passive, ls[passive_idx]), (yt, lt))
+        else:
+            l_mmd = witness_energy_distance(active, passive, yt)
+        return l_hj, l_mmd
+
+    def _split_by_class(self, labels, n_active):
+        """Indices of the active and passive rows of a class-stratified draw: the first
+        ceil(n_active / K) rows of each class are active."""
+        per_class_active = -(-n_active // len(self.source.classes))
+        is_active = torch.zeros_like(labels, dtype=torch.bool)
+        for k in self.source.classes:
+            rows = torch.nonzero(labels == k).squeeze(1)
+            is_active[rows[:per_class_active]] = True
+        return torch.nonzero(is_active).squeeze(1), torch.nonzero(~is_active).squeeze(1)
+
+    def step(self):
+        """One Adam step; returns detached (L_HJ, L_MMD, lr)."""
+        lr = lr_at(self.config, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        l_hj, l_mmd = self.losses()
+        (l_hj + self.config.mmd_weight * l_mmd).backward()
+        self.optimizer.step()
+        self.step_count += 1
+        if self.averaged is not None:
+            # bias-corrected warm start: early on average over the steps seen so far
+            decay = min(self.config.ema, 1.0 - 1.0 / self.step_count)
+            with torch.no_grad():
+                torch._foreach_lerp_(self.averaged, [p.detach() for p in self.model.parameters()],
+                                     1.0 - decay)
+        return l_hj.detach(), l_mmd.detach(), lr
+
+    @torch.no_grad()
+    def heldout_distance(self) -> float:
+        """Energy distance between T(held-out source) and the held-out target, in data units."""
+        xs, yt, ls, lt = self.holdout
+        pushed = self.ncf._push(xs)
+        if ls is not None:
+            value = class_conditional_energy_distance(pushed, yt, ls, lt)
+        else:
+            value = energy_distance(pushed, yt)
+        return float(value) * self.ncf.scale
+
+    def run(self, progress: bool = True, callback=None, history=None) -> dict:
+        """Train until ``config.steps``; returns the history dict (appended to if given).
+
+        callback(step, logs) is called after every step with logs = {"step", "hj", "mmd", "lr"}
+        (plus "heldout" at check steps); returning True stops training early.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        history = history if history is not None else new_history()
+        pending = []
+        flush_every = 50  # read losses back in groups: a .item() per step would sync a GPU
+        bar = tqdm(total=cfg.steps, initial=self.step_count, disable=not progress,
+                   desc="NCF", dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        try:
+            while self.step_count < cfg.steps:
+                l_hj, l_mmd, lr = self.step()
+                pending.append((self.step_count, l_hj, l_mmd, lr))
+                at_check = self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps
+                logs = None
+                if len(pending) >= flush_every or at_check or callback is not None:
+                    values = torch.stack([torch.stack((h, m)) for _, h, m, _ in pending]).tolist()
+                    for (step, _, _, lr_k), (h, m) in zip(pending, values):
+                        history["step"].append(step)
+                        history["hj"].append(h)
+                        history["mmd"].append(m)
+                        history["lr"].append(lr_k)
+                    pending.clear()
+                    logs = {"step": self.step_count, "hj": history["hj"][-1],
+                            "mmd": history["mmd"][-1], "lr": lr}
+                    bar.set_postfix(hj=f"{logs['hj']:.2e}", mmd=f"{logs['mmd']:.2e}", lr=f"{lr:.1e}")
+                if at_check:
+                    logs["heldout"] = self.heldout_distance()
+                    history["heldout_step"].append(self.step_count)
+                    history["heldout"].append(logs["heldout"])
+                    bar.set_postfix(hj=f"{logs['hj']:.2e}", mmd=f"{logs['mmd']:.2e}",
+                                    heldout=f"{logs['heldout']:.2e}", lr=f"{lr:.1e}")
+                bar.update(1)
+                if callback is not None and callback(self.step_count, logs):
+                    break
+        finally:
+            bar.close()
+        history["seconds"] = history.get("seconds", 0.0) + time.perf_counter() - start
+        return history
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.step_count = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+
+
+def new_history() -> dict:
+    return {"step": [], "hj": [], "mmd": [], "lr": [], "heldout_step": [], "heldout": [],
+            "seconds": 0.0}

@@ -1,0 +1,35 @@
+"""ncf_fast: Neural Characteristic Flows for optimal transport, with fused Triton kernels."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "ncf_fast" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="ncf_fast",
+    version=VERSION,
+    description="Optimal transport with Neural Characteristic Flows: closed-form forward and "
+                "backward maps, fused Triton kernels",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # the kernels live in kernels/ at the top of the repository but install as ncf_fast.kernels
+    # (a top-level module named "kernels" collides with an unrelated PyPI package)
+    packages=["ncf_fast", "ncf_fast.kernels"],
+    package_dir={"ncf_fast": "ncf_fast", "ncf_fast.kernels": "kernels"},
+    install_requires=[
+        # any torch >= 2.1 works; a torch already installed is kept (pip does not upgrade it)
+        "torch>=2.1",
+        "numpy>=1.23",
+        "tqdm>=4.60",
+        "triton>=3.0; platform_system == 'Linux'",
+        "matplotlib>=3.5",
+        "pyhocon>=0.3.59",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.9"],
+    },
+    entry_points={"console_scripts": ["ncf-fast = ncf_fast.cli:main"]},
+)
