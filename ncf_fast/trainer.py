@@ -33,8 +33,6 @@ class TrainConfig:
     (source, target, interpolant, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
-    ema: decay of an exponential moving average of the weights (0 disables); the maps use the
-    averaged weights, which filters the energy distance's sampling noise.
     """
 
     steps: int = 3000
@@ -49,7 +47,6 @@ class TrainConfig:
     box_margin: float = 0.1
     eval_every: int = 250
     holdout: int = 2048
-    ema: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -73,8 +70,6 @@ class TrainConfig:
         for name in ("lr_final", "warmup", "mmd_weight", "box_margin", "holdout"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.mmd_batch_size < 2:
             raise ValueError(f"mmd_batch_size must be at least 2, got {self.mmd_batch_size}")
 
@@ -107,8 +102,6 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step_count = 0
         self.labelled = source.labels is not None
-        # the averaged weights; the live (optimised) ones are swapped in only while stepping
-        self.averaged = [p.detach().clone() for p in self.model.parameters()] if config.ema else None
 
     def losses(self):
         """(L_HJ, L_MMD) on a fresh batch, differentiable in the parameters."""
@@ -161,12 +154,7 @@ class Trainer:
         (l_hj + self.config.mmd_weight * l_mmd).backward()
         self.optimizer.step()
         self.step_count += 1
-        if self.averaged is not None:
-            # bias-corrected warm start: early on average over the steps seen so far
-            decay = min(self.config.ema, 1.0 - 1.0 / self.step_count)
-            with torch.no_grad():
-                torch._foreach_lerp_(self.averaged, [p.detach() for p in self.model.parameters()],
-                                     1.0 - decay)
+
         return l_hj.detach(), l_mmd.detach(), lr
 
     @torch.no_grad()

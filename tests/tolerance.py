@@ -1,0 +1,36 @@
+"""Shared test helpers: the tolerance rule and awkward shape lists.
+
+The rule (STYLE.md): a fast result passes when
+    max |fast - ref64| <= 2 * max |ref_lowp - ref64| + floor(dtype),
+where ref_lowp is the reference evaluated in the fast path's dtype: the fast path may be at most
+twice as wrong as the straightforward implementation in the same precision.
+"""
+from __future__ import annotations
+
+import torch
+
+DIMS = (1, 2, 3, 17)
+WIDTHS = ((24,), (40, 40, 40), (16, 48, 32))
+ROWS = (1, 37, 300)
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def assert_close_to_ref(fast, ref64, ref_lowp, name: str = "value", floor: float | None = None):
+    """Assert the STYLE tolerance rule; on failure report the worst element and both errors."""
+    fast = torch.as_tensor(fast).detach().double().cpu()
+    ref64 = torch.as_tensor(ref64).detach().double().cpu()
+    ref_lowp = torch.as_tensor(ref_lowp).detach().double().cpu()
+    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
+    scale = max(float(ref64.abs().max()) if ref64.numel() else 0.0, 1.0)
+    if floor is None:
+        floor = FLOOR[torch.float32] * scale
+    err = (fast - ref64).abs()
+    base = float((ref_lowp - ref64).abs().max()) if ref64.numel() else 0.0
+    bound = 2.0 * base + floor
+    worst = float(err.max()) if err.numel() else 0.0
+    if worst > bound:
+        idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+        raise AssertionError(
+            f"{name}: max |fast - ref64| = {worst:.3e} at {idx} (fast {float(fast[idx]):.9g}, "
+            f"ref64 {float(ref64[idx]):.9g}) exceeds 2 * {base:.3e} + {floor:.1e} = {bound:.3e}")
