@@ -17,3 +17,28 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising at import
         return False
     return True
+
+
+# --- fused MLP kernels (mlp_potential, mlp_residual); triton is imported on first call ---
+__all__ += ["potential_and_grad", "characteristic_residual", "set_dot_precision"]
+
+
+def potential_and_grad(params, act, x, t):
+    """(u (N,), grad_x u (N, d)) of the PotentialMLP ``params`` at x (N, d), t (N, 1); see
+    :func:`ncf_fast.kernels.mlp_potential.potential_and_grad`."""
+    from .mlp_potential import potential_and_grad as fused
+    return fused(params, act, x, t)
+
+
+def characteristic_residual(params, act, cost, x, t):
+    """r(x, t) (N,) of the PotentialMLP ``params``; see
+    :func:`ncf_fast.kernels.mlp_residual.characteristic_residual`."""
+    from .mlp_residual import characteristic_residual as fused
+    return fused(params, act, cost, x, t)
+
+
+def set_dot_precision(precision: str) -> None:
+    """tl.dot input precision of the MLP kernels: "tf32x3" (default, fp32-level) or "tf32"
+    (opt-in fast mode); see :func:`ncf_fast.kernels.mlp_sweeps.set_dot_precision`."""
+    from .mlp_sweeps import set_dot_precision as setter
+    setter(precision)
