@@ -10,15 +10,31 @@ towards contracted or spread-out pushes (the V-statistic, 1/N^2 weights, is). A 
 of a set with one sample has no pairs and is 0.
 
 Gradients: dE/da_i = 2/(NM) sum_j u(a_i - b_j) - 2/(N(N-1)) sum_i' u(a_i - a_i'), with
-u(v) = v/|v| and u(0) = 0 (the subgradient of minimal norm), likewise for b.
+u(v) = v/|v| and u(0) = 0 (the subgradient of minimal norm), likewise for b. All estimators
+below are built from one primitive, the pair sums S = sum_ij |a_i - b_j| and the row / column
+sums of u (:func:`pair_distance_sums`, and :func:`segment_pair_distance_sums` for label-sorted
+classes), computed in the forward pass (they cost no extra pairs).
 
-The ``torch`` path works on row blocks of at most ``_BLOCK_ELEMS`` pairs, so memory stays
-O((N + M) d) plus one block. Distances come from the Gram form |a|^2 + |b|^2 - 2 a.b (a GEMM);
-that form cancels for nearby points, so pairs with |a - b|^2 < _NEAR * (|a|^2 + |b|^2) are
-recomputed from explicit differences (the "near-pair correction"): every pair ends up with the
-accuracy of the direct form, and coinciding points get exactly zero distance and gradient.
-Inputs are centred by the mean of the pooled set first (the energy distance is translation
-invariant), which keeps |a|^2 + |b|^2 and hence the flagged set small.
+Backends of the primitive:
+
+* ``triton`` (ncf_fast.kernels.energy_distance): tiled kernel, tensor cores for a.b, one launch
+  for all classes; used by "auto" on CUDA (d <= 128), or on request (CPU under TRITON_INTERPRET=1).
+* ``torch``: row blocks of at most ``_BLOCK_ELEMS`` pairs, so memory stays O((N + M) d) plus one
+  block. For d > ``_DIRECT_MAX_D`` distances come from the Gram form |a|^2 + |b|^2 - 2 a.b (a
+  GEMM); that form cancels for nearby points, so pairs with |a - b|^2 < _NEAR (|a|^2 + |b|^2) are
+  recomputed from explicit differences (the "near-pair correction"): every pair ends up with the
+  accuracy of the direct form, and coinciding points get exactly zero distance and gradient. For
+  small d explicit differences are used throughout (cheaper than the GEMM plus the correction,
+  which low-dimensional data triggers often).
+* ``reference`` (energy_distance only): brute force, O(NMd) memory (ncf_fast.reference).
+
+Inputs are centred by the mean of the pooled set first (per class for the class-conditional
+losses; the energy distance is translation invariant), which keeps |a|^2 + |b|^2 and hence the
+flagged set small.
+
+Class-conditional rule: every class must have at least one sample on each side (a class missing
+on one side is a ValueError naming it); a class with one sample on a side has no within-set
+pairs there, so that term is 0 (its cross term still counts).
 """
 from __future__ import annotations
 
@@ -27,7 +43,10 @@ import torch
 from . import reference
 
 __all__ = ["energy_distance", "class_conditional_energy_distance", "witness_energy_distance",
-           "pair_distance_sums"]
+           "class_conditional_witness_energy_distance", "per_class_mean", "pair_distance_sums",
+           "segment_pair_distance_sums"]
+
+BACKENDS = ("auto", "torch", "reference", "triton")
 
 # Pairs per block: 2^18 fp32 entries = 1 MB per (rows x M) matrix, so that the handful of
 # elementwise passes over a block run from cache (measured ~2x faster than 8 MB blocks on CPU).
@@ -35,30 +54,71 @@ _BLOCK_ELEMS = 1 << 18
 # Near-pair threshold relative to |a|^2 + |b|^2: the Gram form's rounding error is a few ulps of
 # that sum, so above 2^-10 of it the computed |a - b| keeps ~1e-4 relative accuracy in fp32.
 _NEAR = 2.0 ** -10
+# torch path: explicit differences up to this d (see benchmarks/bench_energy.py: at d <= 4 they
+# beat the GEMM + near-pair correction on CPU, whose near set covers ~1e-3 of the pairs at d = 2).
+_DIRECT_MAX_D = 4
 
 
-def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False,
-                       grad_b: bool = False, same: bool = False):
-    """Sums over all pairs (i, j) of |a_i - b_j| and of the unit vectors u(a_i - b_j).
+def _resolve(backend: str, a: torch.Tensor) -> str:
+    """The primitive's backend for a: "torch" or "triton" ("reference" is handled by callers)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "triton":
+        from .kernels import triton_available
+        from .kernels.energy_distance import MAX_D
+        if not triton_available():
+            raise ValueError("backend='triton' needs triton (on CUDA, or TRITON_INTERPRET=1 on "
+                             "CPU); use backend='torch'")
+        if a.shape[1] > MAX_D:
+            raise ValueError(f"backend='triton' takes d <= {MAX_D}, got d={a.shape[1]}; "
+                             f"use backend='torch'")
+        return "triton"
+    if backend == "auto" and a.device.type == "cuda":
+        from .kernels import triton_available
+        if triton_available():
+            from .kernels.energy_distance import MAX_D
+            if a.shape[1] <= MAX_D:
+                return "triton"
+    return "torch"
 
-    Returns (S, Ga, Gb): S = sum_ij |a_i - b_j| (a 0-d tensor, accumulated in float64),
-    Ga (N, d) = sum_j u(a_i - b_j) if grad_a, Gb (M, d) = sum_i u(b_j - a_i) if grad_b (else None).
-    ``same=True`` says b is a (the diagonal pairs are 0 and skipped).
-    Memory: one block of at most _BLOCK_ELEMS pairs at a time.
-    """
-    n, m = a.shape[0], b.shape[0]
-    a2 = (a * a).sum(1)
-    b2 = (b * b).sum(1)
-    # per-row near threshold: _NEAR * (|a_i|^2 + max_j |b_j|^2) bounds _NEAR * (|a_i|^2 + |b_j|^2),
-    # so it flags a superset of the pairs that need it (they are only recomputed exactly)
-    thr = (_NEAR * (a2 + b2.max())).unsqueeze(1)
+
+def _torch_pair_sums(a, b, grad_a, grad_b, same):
+    """The torch backend of :func:`pair_distance_sums` (see the module docstring)."""
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    direct = d <= _DIRECT_MAX_D
     rows = max(1, _BLOCK_ELEMS // max(m, 1))
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     ga = torch.empty_like(a) if grad_a else None
     gb = torch.zeros_like(b) if grad_b else None
+    if direct:
+        bt = b.t().contiguous()
+    else:
+        a2 = (a * a).sum(1)
+        b2 = (b * b).sum(1)
+        # per-row near threshold: _NEAR * (|a_i|^2 + max_j |b_j|^2) bounds _NEAR * (|a_i|^2 +
+        # |b_j|^2), so it flags a superset of the pairs that need it (they are only made exact)
+        thr = (_NEAR * (a2 + b2.max())).unsqueeze(1)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         ab = a[start:stop]
+        if direct:
+            diffs = [ab[:, k:k + 1] - bt[k] for k in range(d)]
+            d2 = diffs[0] * diffs[0]
+            for k in range(1, d):
+                d2.addcmul_(diffs[k], diffs[k])
+            dist = d2.sqrt_()  # the diagonal of a same pass is exactly 0 here
+            total += dist.sum(dtype=torch.float64)
+            if not (grad_a or grad_b):
+                continue
+            w = dist.reciprocal_()
+            w.masked_fill_(torch.isinf(w), 0.0)  # coinciding points: u(0) = 0
+            for k in range(d):
+                wd = diffs[k].mul_(w)
+                if grad_a:
+                    ga[start:stop, k] = wd.sum(1)
+                if grad_b:
+                    gb[:, k] -= wd.sum(0)
+            continue
         d2 = torch.addmm(b2.unsqueeze(0), ab, b.t(), alpha=-2.0).add_(a2[start:stop, None])
         if same:  # the diagonal (i, i) of this block: exactly 0, and not a near pair to fix
             d2.diagonal(offset=start).fill_(0.0)
@@ -96,39 +156,107 @@ def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False
     return total, ga, gb
 
 
+def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False,
+                       grad_b: bool = False, same: bool = False, backend: str = "auto"):
+    """Sums over all pairs (i, j) of |a_i - b_j| and of the unit vectors u(a_i - b_j).
+
+    Returns (S, Ga, Gb): S = sum_ij |a_i - b_j| (a 0-d tensor, accumulated in float64),
+    Ga (N, d) = sum_j u(a_i - b_j) if grad_a, Gb (M, d) = sum_i u(b_j - a_i) if grad_b (else None).
+    ``same=True`` says b is a (the diagonal pairs are 0 and skipped).
+    backend: "auto" (triton on CUDA, else torch), "torch" (one block of at most _BLOCK_ELEMS
+    pairs at a time) or "triton" (O(N + M) memory; Gb costs a second, swapped launch).
+    """
+    if _resolve(backend, a) == "torch":
+        return _torch_pair_sums(a, b, grad_a, grad_b, same)
+    from .kernels.energy_distance import pair_sums
+    if grad_b and not grad_a:  # the swapped pass alone gives S and Gb
+        s, gb = pair_sums(b, a, grad=True)
+        return s.sum(), None, gb.to(b.dtype)
+    s, ga = pair_sums(a, b, grad=grad_a)
+    gb = pair_sums(b, a, grad=True)[1].to(b.dtype) if grad_b else None
+    return s.sum(), (ga.to(a.dtype) if grad_a else None), gb
+
+
+def segment_pair_distance_sums(a, b, row_lo, row_hi, col_lo, col_hi, *, grad_a: bool = False,
+                               grad_b: bool = False, same: bool = False, backend: str = "auto"):
+    """:func:`pair_distance_sums` within K segments: rows [row_lo_k, row_hi_k) of a against rows
+    [col_lo_k, col_hi_k) of b (integer tensors (K,); segments may be empty).
+
+    Returns S (K,) float64 per segment, Ga (N, d), Gb (M, d) (0 on rows outside every segment, or
+    None). The triton backend runs every segment in one launch (two with Gb); the torch backend
+    loops over segments. ``same=True``: b is a and segment k of the rows is segment k of the
+    columns.
+    """
+    k_count = len(row_lo)
+    if _resolve(backend, a) == "triton":
+        from .kernels.energy_distance import segment_pair_sums
+        s_rows, ga = segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=grad_a)
+        gb = None
+        if grad_b:
+            gb = segment_pair_sums(b, a, col_lo, col_hi, row_lo, row_hi, grad=True)[1].to(b.dtype)
+        csum = torch.nn.functional.pad(torch.cumsum(s_rows, 0), (1, 0))
+        sums = csum[row_hi.to(csum.device).long()] - csum[row_lo.to(csum.device).long()]
+        return sums, (ga.to(a.dtype) if grad_a else None), gb
+    sums = torch.zeros(k_count, dtype=torch.float64, device=a.device)
+    ga = torch.zeros_like(a) if grad_a else None
+    gb = torch.zeros_like(b) if grad_b else None
+    bounds = torch.stack([torch.as_tensor(x).long().cpu() for x in (row_lo, row_hi, col_lo, col_hi)])
+    for k, (r0, r1, c0, c1) in enumerate(bounds.t().tolist()):
+        if r1 <= r0 or c1 <= c0:
+            continue
+        s, g1, g2 = _torch_pair_sums(a[r0:r1], b[c0:c1], grad_a, grad_b, same)
+        sums[k] = s
+        if grad_a:
+            ga[r0:r1] = g1
+        if grad_b:
+            gb[c0:c1] += g2
+    return sums, ga, gb
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _energy_terms(a, b, need_a, need_b, backend):
+    """(value, dE/da or None, dE/db or None) of the U-statistic, value in float64."""
+    n, m = a.shape[0], b.shape[0]
+    center = 0.5 * (a.mean(0) + b.mean(0))
+    a_c, b_c = a - center, b - center
+    s_ab, g_ab, g_ba = pair_distance_sums(a_c, b_c, grad_a=need_a, grad_b=need_b, backend=backend)
+    value = s_ab * (2.0 / (n * m))
+    ga = gb = None
+    if n > 1:
+        s_aa, g_aa, _ = pair_distance_sums(a_c, a_c, grad_a=need_a, same=True, backend=backend)
+        value = value - s_aa / (n * (n - 1))
+    if m > 1:
+        s_bb, g_bb, _ = pair_distance_sums(b_c, b_c, grad_a=need_b, same=True, backend=backend)
+        value = value - s_bb / (m * (m - 1))
+    if need_a:
+        ga = g_ab * (2.0 / (n * m))
+        if n > 1:
+            ga -= g_aa * (2.0 / (n * (n - 1)))
+    if need_b:
+        gb = g_ba * (2.0 / (n * m))
+        if m > 1:
+            gb -= g_bb * (2.0 / (m * (m - 1)))
+    return value, ga, gb
+
+
 class _EnergyDistance(torch.autograd.Function):
     """E(a, b) with both gradients computed in the forward pass (they cost no extra pairs)."""
 
     @staticmethod
-    def forward(ctx, a, b):
-        n, m = a.shape[0], b.shape[0]
-        need_a, need_b = ctx.needs_input_grad
-        center = 0.5 * (a.mean(0) + b.mean(0))
-        a_c, b_c = a - center, b - center
-        s_ab, g_ab, g_ba = pair_distance_sums(a_c, b_c, grad_a=need_a, grad_b=need_b)
-        value = s_ab * (2.0 / (n * m))
-        ga = gb = None
-        if n > 1:
-            s_aa, g_aa, _ = pair_distance_sums(a_c, a_c, grad_a=need_a, same=True)
-            value = value - s_aa / (n * (n - 1))
-        if m > 1:
-            s_bb, g_bb, _ = pair_distance_sums(b_c, b_c, grad_a=need_b, same=True)
-            value = value - s_bb / (m * (m - 1))
-        if need_a:
-            ga = g_ab * (2.0 / (n * m))
-            if n > 1:
-                ga -= g_aa * (2.0 / (n * (n - 1)))
-        if need_b:
-            gb = g_ba * (2.0 / (n * m))
-            if m > 1:
-                gb -= g_bb * (2.0 / (m * (m - 1)))
+    def forward(ctx, a, b, backend):
+        need_a, need_b = ctx.needs_input_grad[:2]
+        value, ga, gb = _energy_terms(a, b, need_a, need_b, backend)
         ctx.save_for_backward(ga, gb)
         return value.to(a.dtype)
 
     @staticmethod
     def backward(ctx, gout):
         ga, gb = ctx.saved_tensors
-        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None)
+        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None), \
+            None
 
 
 def _check_pair(a, b, what="energy_distance"):
@@ -149,46 +277,46 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> 
 
     Differentiable in a and b; the gradient at coinciding points is finite (0 for that pair).
     backend: "torch" (block-wise, linear memory), "reference" (brute force, O(NMd) memory),
-    "triton" (tiled GPU kernel), "auto" (the fastest available for the device).
+    "triton" (tiled kernel, linear memory; CUDA, or CPU under TRITON_INTERPRET=1, computes in
+    float32), "auto" (triton on CUDA for d <= 128, else torch). Without autograd (no_grad, or no
+    input requiring grad) only the value is computed.
     """
     _check_pair(a, b)
     if backend == "reference":
         return reference.energy_distance(a, b)
-    if backend in ("triton",) or (backend == "auto" and a.device.type == "cuda"):
-        from .kernels import energy_distance as triton_energy_distance, triton_available
-        if backend == "triton" or triton_available():
-            return triton_energy_distance(a, b)
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of auto, torch, reference, triton; got {backend!r}")
-    return _EnergyDistance.apply(a, b)
+    backend = _resolve(backend, a)
+    if not _needs_grad(a, b):
+        return _energy_terms(a, b, False, False, backend)[0].to(a.dtype)
+    return _EnergyDistance.apply(a, b, backend)
 
 
 class _WitnessEnergy(torch.autograd.Function):
     """Value: unbiased estimate of E(T#mu, nu); gradient: unbiased for dE/da_i (see the wrapper)."""
 
     @staticmethod
-    def forward(ctx, a, passive, b, within_rows):
+    def forward(ctx, a, passive, b, within_rows, backend):
         n, k, m = a.shape[0], passive.shape[0], b.shape[0]
+        need = ctx.needs_input_grad[0]
         center = 0.5 * (passive.mean(0) + b.mean(0))
         a_c, p_c, b_c = a - center, passive - center, b - center
-        s_ab, g_ab, _ = pair_distance_sums(a_c, b_c, grad_a=True)
-        s_ap, g_ap, _ = pair_distance_sums(a_c, p_c, grad_a=True)
+        s_ab, g_ab, _ = pair_distance_sums(a_c, b_c, grad_a=need, backend=backend)
+        s_ap, g_ap, _ = pair_distance_sums(a_c, p_c, grad_a=need, backend=backend)
         value = s_ab * (2.0 / (n * m)) - s_ap / (n * k)
         mb = min(m, within_rows)
         if mb > 1:  # E|Y - Y'| is a constant: an unbiased estimate from a subsample is enough
-            s_bb, _, _ = pair_distance_sums(b_c[:mb], b_c[:mb], same=True)
+            s_bb, _, _ = pair_distance_sums(b_c[:mb], b_c[:mb], same=True, backend=backend)
             value = value - s_bb / (mb * (mb - 1))
-        ctx.save_for_backward(g_ab * (2.0 / (n * m)) - g_ap * (2.0 / (n * k)))
+        ctx.save_for_backward(g_ab * (2.0 / (n * m)) - g_ap * (2.0 / (n * k)) if need else None)
         return value.to(a.dtype)
 
     @staticmethod
     def backward(ctx, gout):
         (ga,) = ctx.saved_tensors
-        return gout * ga, None, None, None
+        return gout * ga, None, None, None, None
 
 
 def witness_energy_distance(active: torch.Tensor, passive: torch.Tensor, target: torch.Tensor,
-                            within_rows: int = 512) -> torch.Tensor:
+                            within_rows: int = 512, backend: str = "auto") -> torch.Tensor:
     """Energy distance estimated from the pushed samples' witness function (*ours*, for training).
 
     active (N, d): pushed samples T(x_i) that carry the gradient; passive (K, d): more pushed
@@ -201,34 +329,237 @@ def witness_energy_distance(active: torch.Tensor, passive: torch.Tensor, target:
     the symmetry of E|T(X) - T(X')|). Its noise falls like 1/sqrt(M) + 1/sqrt(K) for O(N(M + K))
     pairs, against 1/sqrt(N) for the N^2 pairs of the U-statistic over N pushed samples: a few
     active samples against many passive ones and targets give a far quieter gradient per pair.
+    backend: "auto" | "torch" | "triton", as for :func:`energy_distance`.
     """
     _check_pair(active, target, "witness_energy_distance")
     _check_pair(passive, target, "witness_energy_distance")
-    return _WitnessEnergy.apply(active, passive.detach(), target.detach(), int(within_rows))
+    backend = _resolve(backend, active)
+    if not _needs_grad(active):
+        with torch.no_grad():
+            return _WitnessEnergy.forward(_ValueCtx(), active, passive, target, int(within_rows),
+                                          backend)
+    return _WitnessEnergy.apply(active, passive.detach(), target.detach(), int(within_rows), backend)
 
 
-def per_class_mean(fn, classes, *sets_and_labels):
-    """Mean over ``classes`` of fn(x1[labels1 == k], x2[labels2 == k], ...)."""
-    terms = [fn(*(x[lab == k] for x, lab in sets_and_labels)) for k in classes]
-    return torch.stack(terms).mean()
+class _ValueCtx:
+    """Stands in for autograd's ctx when only the value is wanted (no gradient passes)."""
+    needs_input_grad = (False, False, False, False, False)
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# class-conditional losses: label-sorted segments, one primitive call per term for all classes
+
+def _class_segments(labels, classes, what, side):
+    """(order, lo, hi): the rows whose label is in ``classes`` (sorted), stably sorted by label,
+    and each class's [lo, hi) in that order (rows of other labels are left out)."""
+    if labels.dim() != 1:
+        raise ValueError(f"{what}: {side} labels must be 1-d, got shape {tuple(labels.shape)}")
+    classes = classes.to(labels.device, labels.dtype)
+    rows = torch.nonzero(torch.isin(labels, classes)).squeeze(1)
+    order = rows[torch.argsort(labels[rows], stable=True)]
+    ordered = labels[order]
+    lo = torch.searchsorted(ordered, classes)
+    hi = torch.searchsorted(ordered, classes, right=True)
+    return order, lo, hi
+
+
+def _require_members(counts, classes, what, side):
+    empty = [c for c, n in zip(classes.tolist(), counts.tolist()) if n == 0]
+    if empty:
+        raise ValueError(f"{what}: classes {empty} have no {side} samples; every class needs at "
+                         f"least one sample on each side (drop the class or sample it)")
+
+
+def _segment_ids(lo, hi):
+    """Segment index of every row of a label-sorted set covered by [lo_k, hi_k)."""
+    return torch.repeat_interleave(torch.arange(len(lo), device=lo.device), hi - lo)
+
+
+def _segment_mean(x, seg, counts):
+    total = torch.zeros((len(counts), x.shape[1]), dtype=x.dtype, device=x.device)
+    return total.index_add_(0, seg, x) / counts.to(x.dtype).unsqueeze(1)
+
+
+def _unsort(g, order, n_rows):
+    """Rows of a label-sorted gradient back in input order (0 for rows of no listed class)."""
+    out = g.new_zeros((n_rows, g.shape[1]))
+    out[order] = g
+    return out
+
+
+class _ClassConditionalEnergy(torch.autograd.Function):
+    """Mean over classes of E(a_k, b_k), both gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, a, b, seg_a, seg_b, backend):
+        (order_a, lo_a, hi_a), (order_b, lo_b, hi_b) = seg_a, seg_b
+        need_a, need_b = ctx.needs_input_grad[:2]
+        n, m = (hi_a - lo_a).double(), (hi_b - lo_b).double()
+        ids_a, ids_b = _segment_ids(lo_a, hi_a), _segment_ids(lo_b, hi_b)
+        a_s, b_s = a[order_a], b[order_b]
+        center = 0.5 * (_segment_mean(a_s, ids_a, n) + _segment_mean(b_s, ids_b, m))
+        a_c, b_c = a_s - center[ids_a], b_s - center[ids_b]
+        kw = dict(backend=backend)
+        s_ab, g_ab, g_ba = segment_pair_distance_sums(a_c, b_c, lo_a, hi_a, lo_b, hi_b,
+                                                      grad_a=need_a, grad_b=need_b, **kw)
+        s_aa, g_aa, _ = segment_pair_distance_sums(a_c, a_c, lo_a, hi_a, lo_a, hi_a,
+                                                   grad_a=need_a, same=True, **kw)
+        s_bb, g_bb, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_b, lo_b, hi_b,
+                                                   grad_a=need_b, same=True, **kw)
+        # a class with one sample on a side has no within pairs there: weight 0 (rule above)
+        w_aa = torch.where(n > 1, 1.0 / (n * (n - 1)).clamp_min(1.0), torch.zeros_like(n))
+        w_bb = torch.where(m > 1, 1.0 / (m * (m - 1)).clamp_min(1.0), torch.zeros_like(m))
+        w_ab = 2.0 / (n * m)
+        k = len(lo_a)
+        value = (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
+        ga = gb = None
+        if need_a:
+            ga = _unsort(((w_ab[ids_a, None] * g_ab - 2 * w_aa[ids_a, None] * g_aa) / k)
+                         .to(a.dtype), order_a, a.shape[0])
+        if need_b:
+            gb = _unsort(((w_ab[ids_b, None] * g_ba - 2 * w_bb[ids_b, None] * g_bb) / k)
+                         .to(b.dtype), order_b, b.shape[0])
+        ctx.save_for_backward(ga, gb)
+        return value.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, gout):
+        ga, gb = ctx.saved_tensors
+        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None), \
+            None, None, None
+
+
+def _check_labels(x, labels, what, side):
+    if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{what}: {side} labels must be an integer tensor of shape "
+                         f"({x.shape[0]},), got {shape}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{what}: labels must be integers, got {labels.dtype}")
 
 
 def class_conditional_energy_distance(a, b, labels_a, labels_b, backend: str = "auto"):
     """Mean over classes of the per-class energy distances between a[labels_a == k] and b[labels_b == k].
 
-    labels: integer tensors (N,), (M,). Every class present in one set must be present in the
-    other (else ValueError); a class with a single sample on one side contributes its cross term
-    (its within-set term has no pairs and is 0).
+    a (N, d), b (M, d); labels: integer tensors (N,), (M,). Every class present in one set must
+    be present in the other (else ValueError); a class with a single sample on one side
+    contributes its cross term (its within-set term has no pairs and is 0). All classes go
+    through one call of the primitive per term (one kernel launch on the triton backend).
+    backend: "auto" | "torch" | "triton" | "reference" (a Python loop over classes).
     """
-    _check_pair(a, b, "class_conditional_energy_distance")
-    if labels_a.shape != (a.shape[0],) or labels_b.shape != (b.shape[0],):
-        raise ValueError(f"labels must have shapes ({a.shape[0]},) and ({b.shape[0]},), "
-                         f"got {tuple(labels_a.shape)} and {tuple(labels_b.shape)}")
+    what = "class_conditional_energy_distance"
+    _check_pair(a, b, what)
+    _check_labels(a, labels_a, what, "source")
+    _check_labels(b, labels_b, what, "target")
     classes_a, classes_b = torch.unique(labels_a), torch.unique(labels_b)
-    if classes_a.shape != classes_b.shape or not torch.equal(classes_a, classes_b):
+    if classes_a.shape != classes_b.shape or not torch.equal(classes_a.cpu(), classes_b.cpu()):
         only_a = sorted(set(classes_a.tolist()) - set(classes_b.tolist()))
         only_b = sorted(set(classes_b.tolist()) - set(classes_a.tolist()))
         raise ValueError(f"classes must appear in both sets: only in source {only_a}, "
                          f"only in target {only_b}")
-    return per_class_mean(lambda x, y: energy_distance(x, y, backend=backend), classes_a,
-                          (a, labels_a), (b, labels_b))
+    if backend == "reference":
+        return torch.stack([reference.energy_distance(a[labels_a == k], b[labels_b == k])
+                            for k in classes_a]).mean()
+    return _segmented_energy(a, b, labels_a, labels_b, classes_a, _resolve(backend, a), what)
+
+
+def _segmented_energy(a, b, labels_a, labels_b, classes, backend, what):
+    seg_a = _class_segments(labels_a, classes, what, "source")
+    seg_b = _class_segments(labels_b, classes, what, "target")
+    _require_members(seg_a[2] - seg_a[1], classes, what, "source")
+    _require_members(seg_b[2] - seg_b[1], classes, what, "target")
+    if not _needs_grad(a, b):
+        with torch.no_grad():
+            return _ClassConditionalEnergy.forward(_ValueCtx(), a, b, seg_a, seg_b, backend)
+    return _ClassConditionalEnergy.apply(a, b, seg_a, seg_b, backend)
+
+
+class _ClassConditionalWitness(torch.autograd.Function):
+    """Mean over classes of the witness estimate (see witness_energy_distance), one pass per term."""
+
+    @staticmethod
+    def forward(ctx, a, passive, b, seg_a, seg_p, seg_b, within_rows, backend):
+        (order_a, lo_a, hi_a), (order_p, lo_p, hi_p), (order_b, lo_b, hi_b) = seg_a, seg_p, seg_b
+        need = ctx.needs_input_grad[0]
+        n, kk, m = ((hi - lo).double() for lo, hi in ((lo_a, hi_a), (lo_p, hi_p), (lo_b, hi_b)))
+        ids_a, ids_p, ids_b = (_segment_ids(lo, hi) for lo, hi in
+                               ((lo_a, hi_a), (lo_p, hi_p), (lo_b, hi_b)))
+        a_s, p_s, b_s = a[order_a], passive[order_p], b[order_b]
+        center = 0.5 * (_segment_mean(p_s, ids_p, kk) + _segment_mean(b_s, ids_b, m))
+        a_c, p_c, b_c = a_s - center[ids_a], p_s - center[ids_p], b_s - center[ids_b]
+        s_ab, g_ab, _ = segment_pair_distance_sums(a_c, b_c, lo_a, hi_a, lo_b, hi_b,
+                                                   grad_a=need, backend=backend)
+        s_ap, g_ap, _ = segment_pair_distance_sums(a_c, p_c, lo_a, hi_a, lo_p, hi_p,
+                                                   grad_a=need, backend=backend)
+        # the within-target constant from each class's first min(m_k, within_rows) rows
+        hi_w = torch.minimum(hi_b, lo_b + within_rows)
+        mb = (hi_w - lo_b).double()
+        s_bb, _, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_w, lo_b, hi_w, same=True,
+                                                backend=backend)
+        w_bb = torch.where(mb > 1, 1.0 / (mb * (mb - 1)).clamp_min(1.0), torch.zeros_like(mb))
+        value = (2.0 / (n * m) * s_ab - s_ap / (n * kk) - w_bb * s_bb).mean()
+        ga = None
+        if need:
+            k = len(lo_a)
+            ga = _unsort(((2.0 / (n * m))[ids_a, None] * g_ab
+                          - (2.0 / (n * kk))[ids_a, None] * g_ap).div(k).to(a.dtype), order_a, a.shape[0])
+        ctx.save_for_backward(ga)
+        return value.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, gout):
+        (ga,) = ctx.saved_tensors
+        return gout * ga, None, None, None, None, None, None, None
+
+
+def class_conditional_witness_energy_distance(active, passive, target, labels_active,
+                                              labels_passive, labels_target, classes=None,
+                                              within_rows: int = 512, backend: str = "auto"):
+    """Mean over ``classes`` (default: the classes of ``labels_target``) of
+    witness_energy_distance(active_k, passive_k, target_k, within_rows), one primitive call per
+    term for all classes. Every class needs at least one sample in each of the three sets
+    (else ValueError); the within-target term of a class with one target sample is 0.
+    """
+    what = "class_conditional_witness_energy_distance"
+    _check_pair(active, target, what)
+    _check_pair(passive, target, what)
+    sets = ((active, labels_active, "active"), (passive, labels_passive, "passive"),
+            (target, labels_target, "target"))
+    for x, lab, side in sets:
+        _check_labels(x, lab, what, side)
+    classes = torch.unique(labels_target) if classes is None else torch.unique(
+        torch.as_tensor(classes))
+    segs = []
+    for x, lab, side in sets:
+        seg = _class_segments(lab, classes, what, side)
+        _require_members(seg[2] - seg[1], classes, what, side)
+        segs.append(seg)
+    backend = _resolve(backend, active)
+    args = (passive.detach(), target.detach(), *segs, int(within_rows), backend)
+    if not _needs_grad(active):
+        with torch.no_grad():
+            return _ClassConditionalWitness.forward(_ValueCtx(), active, *args)
+    return _ClassConditionalWitness.apply(active, *args)
+
+
+def per_class_mean(fn, classes, *sets_and_labels):
+    """Mean over ``classes`` of fn(x1[labels1 == k], x2[labels2 == k], ...).
+
+    For fn = witness_energy_distance (the trainer's class-conditional loss) or energy_distance
+    every class is done in one primitive call per term (label-sorted segments, one kernel launch
+    on the triton backend); any other fn is called per class.
+    """
+    classes = torch.as_tensor(classes)
+    if fn is witness_energy_distance and len(sets_and_labels) == 3:
+        (a, la), (p, lp), (b, lb) = sets_and_labels
+        return class_conditional_witness_energy_distance(a, p, b, la, lp, lb, classes=classes)
+    if fn is energy_distance and len(sets_and_labels) == 2:
+        (a, la), (b, lb) = sets_and_labels
+        what = "per_class_mean(energy_distance)"
+        _check_pair(a, b, what)
+        return _segmented_energy(a, b, la, lb, torch.unique(classes), _resolve("auto", a), what)
+    terms = [fn(*(x[lab == k] for x, lab in sets_and_labels)) for k in classes]
+    return torch.stack(terms).mean()
