@@ -1,0 +1,933 @@
+"""``ncf-fast``: train, apply and check NCF transport maps from the command line.
+
+    ncf-fast train --conf setup.conf --data_dir D --input input_data.npy --output output_data.npy
+                   [--home_dir H] [--gpu ID|cpu] [--expname NAME] [--steps N] [--seed S]
+                   [--resume RUN_DIR] [--backend B] [--input_labels F --output_labels F] [--quiet]
+    ncf-fast transport --checkpoint C --input X.npy --out Y.npy [--inverse] [--t T]
+    ncf-fast demo [--problem NAME] [--steps N] [--home_dir H]
+    ncf-fast evaluate --checkpoint C (--problem gaussian:D[:SEED] | --problem P.npz | --input X --output Y)
+
+``python -m ncf_fast`` with the original research code's flags and no sub-command means ``train``.
+A run writes one folder ``H/exps/NAME/<timestamp>/`` (see :func:`_create_run_dir`) and prints its
+absolute path as the last line of stdout. User mistakes print one line on stderr and exit with
+status 2 without writing anything; set NCF_FAST_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import config as config_mod
+from .estimator import NCF, default_hidden, read_checkpoint, save_atomic
+
+__all__ = ["main", "CLIError"]
+
+EXIT_USAGE = 2          # bad input: one line on stderr, nothing written
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: checkpoint saved, resume later (128 + SIGINT)
+SUBCOMMANDS = ("train", "transport", "demo", "evaluate")
+DEMO_PROBLEM = "moons:8gaussians"
+DEMO_SAMPLES = 10_000      # samples per side the demo draws
+METRIC_SAMPLES = 2_000     # rows used for the energy distances in metrics.json (O(n^2) cost)
+LOG_COLUMNS = ("step", "L_HJ", "L_MMD", "lr", "seconds")
+# the demo trains in about a minute on 2 CPU cores: smaller batches than the defaults, fewer steps
+DEMO_BASE = {"train.steps": 1500, "train.batch_size": 256, "train.mmd_batch_size": 512,
+             "train.mmd_active": 128, "train.eval_every": 250, "run.expname": "demo"}
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line on stderr, exit status 2."""
+
+
+class _Interrupted(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+def _info(args, msg: str):
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ input files
+def load_array(path: str, what: str) -> np.ndarray:
+    """A numeric (N, d) sample array from a .npy file, or a CLIError naming the file and the problem.
+
+    Never unpickles (allow_pickle=False). Integer arrays are converted to float64, float16 to
+    float32; anything else non-float (bool, complex, strings, records, objects) is refused.
+    """
+    arr = _load_npy(path, what)
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype.kind != "f":
+        raise CLIError(f"{path}: {what} has non-numeric dtype {arr.dtype}; samples must be "
+                       "real numbers (save a float array)")
+    from .data import check_samples
+    try:
+        check_samples(arr, path)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    return np.ascontiguousarray(arr)
+
+
+def load_labels(path: str, n: int, what: str) -> np.ndarray:
+    """Integer class labels (n,) from a .npy file."""
+    arr = _load_npy(path, what)
+    if arr.dtype.kind not in "iubf":
+        raise CLIError(f"{path}: {what} has dtype {arr.dtype}; labels must be integers")
+    from .data import check_labels
+    try:
+        return check_labels(arr, n, path)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"{exc} (in {what})") from None
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file ({what})")
+    if os.path.isdir(path):
+        raise CLIError(f"{path}: is a directory; {what} must be a .npy file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if head != b"\x93NUMPY":
+        kind = ("a zip archive (.npz?); save one array with numpy.save" if head.startswith(b"PK")
+                else "no NumPy header; save the array with numpy.save")
+        raise CLIError(f"{path}: not a .npy file ({kind})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise CLIError(f"{path}: {what} is an object (pickled) array; refusing to unpickle it: "
+                           "save a numeric array instead") from None
+        raise CLIError(f"{path}: truncated or corrupted .npy file ({_first_line(exc)})") from None
+    except Exception as exc:  # EOFError, OSError, UnicodeError from a mangled header
+        raise CLIError(f"{path}: truncated or corrupted .npy file ({_first_line(exc)})") from None
+    if arr.dtype.hasobject:
+        raise CLIError(f"{path}: {what} holds Python objects; save a numeric array instead")
+    return arr
+
+
+def _first_line(exc) -> str:
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:160]
+
+
+def _fingerprint(arr: np.ndarray) -> str:
+    """sha256 of dtype, shape and bytes: a resumed run must see the same data."""
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------- device
+def resolve_device(gpu: str | None) -> torch.device:
+    """--gpu ID|cpu -> torch.device; no flag: CUDA device 0 if available, else the CPU."""
+    if gpu is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    text = str(gpu).strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.startswith("cuda:"):
+        text = text[5:]
+    if not text.isdigit():
+        raise CLIError(f"--gpu takes a CUDA device index such as 0, or cpu; got {gpu!r}")
+    if not torch.cuda.is_available():
+        raise CLIError(f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__}"
+                       f"{'' if torch.version.cuda else ', a CPU-only build'}); use --gpu cpu")
+    count = torch.cuda.device_count()
+    if int(text) >= count:
+        raise CLIError(f"--gpu {gpu}: only {count} CUDA device(s) are visible (0..{count - 1}); "
+                       "pick one of those or use --gpu cpu")
+    return torch.device(f"cuda:{int(text)}")
+
+
+def _check_backend(backend: str, device: torch.device):
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CLIError("backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
+
+
+# ------------------------------------------------------------------------------ atomic files
+def _write_atomic(path: str, write):
+    """write(f) into a temporary file beside ``path``, fsync, then rename over it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_npy(path: str, arr: np.ndarray):
+    _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def _write_text(path: str, text: str):
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# -------------------------------------------------------------------------------- run folder
+def _check_home(home: str) -> str:
+    """Absolute home_dir, refused early if it cannot hold a run folder (nothing is created)."""
+    home = os.path.abspath(os.path.expanduser(home))
+    probe = home
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise CLIError(f"home_dir {home} is not writable: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"home_dir {home} is not writable (permission denied on {probe}); "
+                       "pass --home_dir with a folder you can write")
+    return home
+
+
+def _create_run_dir(home: str, expname: str) -> tuple[str, list[str]]:
+    """Make HOME/exps/EXPNAME/<timestamp>/ with checkpoints/ and plots/.
+
+    Returns (run folder, the parent folders this call created, outermost first), so that a run
+    failing before its first checkpoint removes exactly what it made (:func:`_remove_run`)."""
+    parent = os.path.join(home, "exps", expname)
+    missing, probe = [], parent
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    created, run_dir = [], None
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.append(folder)
+        for k in range(1, 1000):  # two runs started in the same second get _2, _3, ...
+            try:
+                run_dir = os.path.join(parent, stamp if k == 1 else f"{stamp}_{k}")
+                os.mkdir(run_dir)
+                break
+            except FileExistsError:
+                run_dir = None
+        os.mkdir(os.path.join(run_dir, "checkpoints"))
+        os.mkdir(os.path.join(run_dir, "plots"))
+    except OSError as exc:
+        _remove_run(run_dir, created)
+        raise CLIError(f"home_dir {home} is not writable ({exc.strerror}: {exc.filename})") from None
+    return run_dir, created
+
+
+def _remove_run(run_dir: str | None, created: list[str]):
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in reversed(created):
+        try:
+            os.rmdir(folder)  # only if still empty
+        except OSError:
+            pass
+
+
+def _checkpoint_file(path: str) -> str:
+    """A checkpoint file, or a run folder (-> its checkpoints/latest.pt)."""
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, "checkpoints", "latest.pt"), os.path.join(path, "latest.pt")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise CLIError(f"{path}: a folder without checkpoints/latest.pt; pass a run folder written by "
+                       "ncf-fast train/demo or a checkpoint file")
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def _read_checkpoint(path: str) -> dict:
+    try:
+        return read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _load_model(path: str, device) -> NCF:
+    ckpt = _read_checkpoint(path)
+    try:
+        return NCF.from_checkpoint(ckpt, device=device, path=path)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------ train
+def _resolve(data_dir: str | None, name: str | None) -> str | None:
+    if name is None:
+        return None
+    return os.path.abspath(os.path.join(data_dir, name) if data_dir else name)
+
+
+def _overrides(args) -> dict:
+    out = {}
+    for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("expname", "run.expname"),
+                      ("backend", "model.backend")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _load_config(args, base=None) -> dict:
+    try:
+        return config_mod.load_config(args.conf, _overrides(args), base=base)
+    except config_mod.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _load_data(paths: dict) -> dict:
+    """{"input", "output", "input_labels", "output_labels"} paths -> arrays, checked together."""
+    if paths.get("input") is None or paths.get("output") is None:
+        raise CLIError("train needs --input and --output: .npy files of source and target samples, "
+                       "shape (N, d) (or run `ncf-fast demo`)")
+    if (paths.get("input_labels") is None) != (paths.get("output_labels") is None):
+        raise CLIError("--input_labels and --output_labels go together (class-conditional OT); "
+                       "give both or neither")
+    src = load_array(paths["input"], "--input (source samples)")
+    tgt = load_array(paths["output"], "--output (target samples)")
+    if src.shape[1] != tgt.shape[1]:
+        raise CLIError(f"{paths['input']} has dimension {src.shape[1]} but {paths['output']} has "
+                       f"dimension {tgt.shape[1]}; source and target samples must have the same d")
+    data = {"input": src, "output": tgt, "input_labels": None, "output_labels": None}
+    if paths.get("input_labels") is not None:
+        data["input_labels"] = load_labels(paths["input_labels"], src.shape[0], "--input_labels")
+        data["output_labels"] = load_labels(paths["output_labels"], tgt.shape[0], "--output_labels")
+    return data
+
+
+def _build(cfg: dict, data: dict, device) -> tuple[NCF, object]:
+    """NCF + its Trainer, everything validated before any file is written."""
+    kwargs = config_mod.model_kwargs(cfg)
+    _check_backend(kwargs["backend"], device)
+    try:
+        ncf = NCF(data["input"].shape[1], device=device, **kwargs)
+        trainer = ncf.make_trainer(data["input"], data["output"], config_mod.train_config(cfg),
+                                   source_labels=data["input_labels"],
+                                   target_labels=data["output_labels"])
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None
+    return ncf, trainer
+
+
+def cmd_train(args) -> int:
+    device = resolve_device(args.gpu)
+    if args.resume:
+        return _resume(args, device)
+    cfg = _load_config(args)
+    paths = {k: _resolve(args.data_dir, getattr(args, k))
+             for k in ("input", "output", "input_labels", "output_labels")}
+    data = _load_data(paths)
+    ncf, trainer = _build(cfg, data, device)
+    home = _check_home(args.home_dir or os.getcwd())
+    return _start_run(args, cfg, data, paths, ncf, trainer, home, problem=None)
+
+
+def _start_run(args, cfg, data, paths, ncf, trainer, home, problem) -> int:
+    run_dir, created = _create_run_dir(home, cfg["run.expname"])
+    try:
+        if problem is not None:  # the demo keeps its data in the run folder, so it can resume
+            os.mkdir(os.path.join(run_dir, "data"))
+            for key, name in (("input", "source.npy"), ("output", "target.npy")):
+                paths[key] = os.path.join(run_dir, "data", name)
+                _write_npy(paths[key], data[key])
+        run = {"config": cfg, "paths": paths, "problem": problem, "seconds": 0.0,
+               "fingerprints": {k: _fingerprint(v) for k, v in data.items() if v is not None},
+               "created": datetime.datetime.now().isoformat(timespec="seconds"),
+               "argv": sys.argv[1:], "ncf_fast": __version__, "torch": str(torch.__version__),
+               "device": str(ncf.device)}
+        _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
+        _write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=2) + "\n")
+        _info(args, f"run folder {run_dir}\n{ncf!r}, {data['input'].shape[0]} source and "
+                    f"{data['output'].shape[0]} target samples")
+        return _train_and_finish(args, run_dir, run, ncf, trainer, data)
+    except BaseException:
+        if not os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
+            _remove_run(run_dir, created)  # failed before the first checkpoint: leave nothing
+        raise
+
+
+def _resume(args, device) -> int:
+    ckpt_path = _checkpoint_file(args.resume)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    ckpt = _read_checkpoint(ckpt_path)
+    if "trainer" not in ckpt or "run" not in ckpt:
+        raise CLIError(f"{ckpt_path}: has no trainer state (not written by ncf-fast train); it can be "
+                       "used with transport/evaluate but not resumed")
+    run = dict(ckpt["run"])
+    try:
+        saved = config_mod.parse_config(config_mod.nested(run["config"]), ckpt_path)
+    except (config_mod.ConfigError, KeyError, TypeError) as exc:
+        raise CLIError(f"{ckpt_path}: its stored config is unusable ({exc})") from None
+    keep = {"train.steps", "model.backend"}  # what a resumed run may change
+    if args.conf is not None or args.seed is not None:
+        given = _load_config(args)
+        compare = [k for k in config_mod.defaults() if k not in keep and k != "run.expname"]
+        if args.conf is None:
+            compare = ["train.seed"]
+        for key in compare:
+            if given[key] != saved[key]:
+                raise CLIError(f"--resume: {key} is {given[key]!r} here but {saved[key]!r} in the run "
+                               f"{run_dir}; a resumed run keeps its configuration (start a new run "
+                               "to change it)")
+    cfg = dict(saved)
+    for key, value in _overrides(args).items():
+        if key in keep:
+            cfg[key] = value
+    cfg = config_mod.parse_config(config_mod.nested(cfg), "--resume")
+    step = int(ckpt["trainer"].get("step", 0))
+    if cfg["train.steps"] < step:
+        raise CLIError(f"--steps {cfg['train.steps']} is below the step {step} the run has reached")
+    paths = dict(run["paths"])
+    for k in paths:
+        if getattr(args, k, None) is not None:
+            paths[k] = _resolve(args.data_dir, getattr(args, k))
+    data = _load_data(paths)
+    dim = int(ckpt["config"]["dim"])
+    if data["input"].shape[1] != dim:
+        raise CLIError(f"{paths['input']} has dimension {data['input'].shape[1]} but the checkpoint "
+                       f"{ckpt_path} was trained in dimension {dim}")
+    for k, arr in data.items():
+        if arr is not None and _fingerprint(arr) != run["fingerprints"].get(k):
+            raise CLIError(f"--resume: {paths[k]} is not the data the run {run_dir} was trained on "
+                           "(its content differs); resume with the original file or start a new run")
+    want = config_mod.model_kwargs(cfg)
+    have = dict(ckpt["config"])
+    want_hidden = list(want["hidden"] or default_hidden(dim))
+    if [int(h) for h in have.get("hidden", [])] != want_hidden or have.get("activation") != want["activation"]:
+        raise CLIError(f"{ckpt_path}: checkpoint of a different architecture (hidden "
+                       f"{have.get('hidden')}, {have.get('activation')}) than its run config "
+                       f"(hidden {want_hidden}, {want['activation']})")
+    ckpt["config"] = {**have, "backend": cfg["model.backend"]}
+    _check_backend(cfg["model.backend"], device)
+    try:
+        ncf = NCF.from_checkpoint(ckpt, device=device, path=ckpt_path)
+        trainer = ncf.make_trainer(data["input"], data["output"], config_mod.train_config(cfg),
+                                   source_labels=data["input_labels"],
+                                   target_labels=data["output_labels"])
+        trainer.load_state_dict(ckpt["trainer"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CLIError(f"{ckpt_path}: cannot resume from this checkpoint ({_first_line(exc)})") from None
+    run["config"] = cfg
+    run["paths"] = paths
+    _truncate_log(os.path.join(run_dir, "log.csv"), step)
+    for name in os.listdir(os.path.join(run_dir, "checkpoints")):
+        if name.startswith(".tmp-"):  # a write cut short by a crash
+            os.unlink(os.path.join(run_dir, "checkpoints", name))
+    if cfg != saved:
+        _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
+    _info(args, f"resuming {run_dir} at step {step} of {cfg['train.steps']}")
+    return _train_and_finish(args, run_dir, run, ncf, trainer, data)
+
+
+def _truncate_log(path: str, step: int):
+    """Drop log rows past ``step`` (written after the checkpoint a crashed run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(keep)
+    _write_text(path, buf.getvalue())
+
+
+class _StopSignals:
+    """First Ctrl-C / SIGTERM: finish the current step, save, exit 130. Second: stop at once."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to abort "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
+    from tqdm.auto import tqdm
+
+    cfg = run["config"]
+    every = cfg["run.checkpoint_every"]
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    log_path = os.path.join(run_dir, "log.csv")
+    if not os.path.exists(log_path):
+        _write_text(log_path, ",".join(LOG_COLUMNS) + "\n")
+    rows: list[str] = []
+    base_seconds, start = float(run.get("seconds", 0.0)), time.perf_counter()
+    total, first_step = trainer.config.steps, trainer.step_count
+
+    def seconds():
+        return base_seconds + time.perf_counter() - start
+
+    def save(periodic: bool):
+        if rows:  # the log first: on a crash it may run ahead of the checkpoint, never behind
+            with open(log_path, "a") as f:
+                f.write("".join(rows))
+                f.flush()
+                os.fsync(f.fileno())
+            rows.clear()
+        ckpt = ncf.to_checkpoint(include_trainer=True)
+        ckpt["run"] = {**run, "seconds": seconds()}
+        step = trainer.step_count
+        if periodic:
+            save_atomic(ckpt, os.path.join(ckpt_dir, f"step_{step:06d}.pt"))
+        save_atomic(ckpt, os.path.join(ckpt_dir, "latest.pt"))
+
+    bar = tqdm(total=total, initial=trainer.step_count, unit="step", desc="NCF", dynamic_ncols=True,
+               disable=args.quiet, file=sys.stderr, mininterval=0.25)
+    rate = {"t": time.perf_counter(), "step": trainer.step_count}
+    post = {}
+
+    with _StopSignals() as signals:
+        def callback(step, logs):
+            rows.append(f"{step},{logs['hj']:.9g},{logs['mmd']:.9g},{logs['lr']:.9g},{seconds():.3f}\n")
+            post.update(L_HJ=f"{logs['hj']:.2e}", L_MMD=f"{logs['mmd']:.2e}", lr=f"{logs['lr']:.1e}")
+            if "heldout" in logs:
+                post["ED_heldout"] = f"{logs['heldout']:.2e}"
+                if args.quiet:
+                    now = time.perf_counter()
+                    speed = (step - rate["step"]) / max(now - rate["t"], 1e-9)
+                    rate.update(t=now, step=step)
+                    print(f"step {step}/{total}  L_HJ {logs['hj']:.3e}  L_MMD {logs['mmd']:.3e}  "
+                          f"heldout ED {logs['heldout']:.3e}  lr {logs['lr']:.2e}  "
+                          f"{speed:.1f} steps/s", file=sys.stderr, flush=True)
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if step % every == 0 and step < total:
+                save(periodic=True)
+            return signals.stop
+
+        try:
+            trainer.run(progress=False, callback=callback, history=ncf.history)
+        finally:
+            bar.close()
+        if signals.stop and trainer.step_count < total:
+            save(periodic=False)
+            print(f"interrupted at step {trainer.step_count}/{total}; checkpoint saved. Resume with: "
+                  f"ncf-fast train --resume {run_dir}", file=sys.stderr, flush=True)
+            print(run_dir, flush=True)
+            return EXIT_INTERRUPTED
+        if trainer.step_count != first_step or not os.path.exists(
+                os.path.join(ckpt_dir, f"step_{trainer.step_count:06d}.pt")):
+            save(periodic=True)
+        run["seconds"] = seconds()
+    _finish(args, run_dir, run, ncf, data)
+    return 0
+
+
+def _finish(args, run_dir, run, ncf, data):
+    """transported.npy, inverse.npy, metrics.json and plots/ from the trained model."""
+    src, tgt = data["input"], data["output"]
+    pushed, pulled = ncf.transport(src), ncf.inverse(tgt)
+    _write_npy(os.path.join(run_dir, "transported.npy"), pushed)
+    _write_npy(os.path.join(run_dir, "inverse.npy"), pulled)
+    metrics = _run_metrics(ncf, src, tgt, pushed, pulled, run)
+    _write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    from . import plots
+    files = plots.run_plots(os.path.join(run_dir, "plots"), src, tgt, pushed, pulled, ncf.history,
+                            max_points=run["config"]["run.plot_points"],
+                            title=run["problem"] or os.path.basename(run["paths"]["input"]))
+    _info(args, f"trained {metrics['steps']} steps in {metrics['seconds']:.1f} s "
+                f"({metrics['steps_per_second']:.1f} steps/s); energy distance T#mu vs nu "
+                f"{metrics['energy_distance_forward']:.2e} (source vs target "
+                f"{metrics['energy_distance_initial']:.2e}); cycle error {metrics['cycle_error']:.2e}"
+          + (f"; L2-UVP forward {metrics['l2_uvp_forward']:.3g}%, backward "
+             f"{metrics['l2_uvp_backward']:.3g}%" if "l2_uvp_forward" in metrics else "")
+          + f"\nplots: {', '.join(os.path.basename(p) for p in files)}")
+    print(run_dir, flush=True)
+
+
+def _subsample(rng, arr, n):
+    return arr if arr.shape[0] <= n else arr[rng.choice(arr.shape[0], n, replace=False)]
+
+
+def _run_metrics(ncf, src, tgt, pushed, pulled, run) -> dict:
+    from . import metrics as m
+    rng = np.random.default_rng(0)
+    idx_s = rng.permutation(src.shape[0])[:METRIC_SAMPLES]
+    idx_t = rng.permutation(tgt.shape[0])[:METRIC_SAMPLES]
+    hist = ncf.history
+    tail = max(1, min(50, len(hist["hj"])))
+    steps = int(hist["step"][-1]) if hist["step"] else 0
+    out = {
+        "steps": steps,
+        "seconds": round(run["seconds"], 3),
+        "steps_per_second": steps / run["seconds"] if run["seconds"] > 0 else float("nan"),
+        "L_HJ_final": float(np.mean(hist["hj"][-tail:])) if hist["hj"] else None,
+        "L_MMD_final": float(np.mean(hist["mmd"][-tail:])) if hist["mmd"] else None,
+        "heldout_energy_distance": hist["heldout"][-1] if hist["heldout"] else None,
+        "energy_distance_initial": m.energy_distance(src[idx_s], tgt[idx_t]),
+        "energy_distance_forward": m.energy_distance(pushed[idx_s], tgt[idx_t]),
+        "energy_distance_backward": m.energy_distance(pulled[idx_t], src[idx_s]),
+        "cycle_error": m.cycle_error(ncf, src[idx_s]),
+        "mean_displacement": float(np.linalg.norm(pushed - src, axis=1).mean()),
+        "samples_for_metrics": int(min(METRIC_SAMPLES, src.shape[0], tgt.shape[0])),
+        "device": str(ncf.device),
+    }
+    problem = run.get("problem")
+    if problem is not None:
+        prob = _parse_problem(problem)
+        if prob.oracle is not None and ncf.cost.spec == "quadratic":
+            out["l2_uvp_forward"] = m.l2_uvp(pushed, prob.oracle.forward_map(src), tgt)
+            out["l2_uvp_backward"] = m.l2_uvp(pulled, prob.oracle.inverse_map(tgt), src)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------- problems
+class _Problem:
+    """A built-in problem: a toy pair "SRC:TGT" / "TGT" (source N(0, I)), or a Gaussian pair."""
+
+    def __init__(self, spec, dim, source, target, oracle=None):
+        self.spec, self.dim, self._source, self._target, self.oracle = spec, dim, source, target, oracle
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._source(n, seed), self._target(n, seed + 1)
+
+
+def _parse_problem(spec: str) -> _Problem:
+    from . import problems
+    text = str(spec).strip()
+    if text.lower().endswith(".npz") or os.path.sep in text:
+        if not os.path.isfile(text):
+            raise CLIError(f"{text}: no such .npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        try:
+            gauss = problems.GaussianOT.from_npz(text, seed=0)
+        except (ValueError, OSError, KeyError) as exc:
+            raise CLIError(f"{text}: not a usable Gaussian problem ({_first_line(exc)})") from None
+        except Exception as exc:  # zipfile.BadZipFile and friends
+            raise CLIError(f"{text}: not a valid .npz file ({_first_line(exc)})") from None
+        return _gaussian_problem(text, gauss)
+    parts = text.split(":")
+    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].isdigit():
+        dim = int(parts[1])
+        if not 1 <= dim <= 4096:
+            raise CLIError(f"--problem {spec}: dimension must be between 1 and 4096")
+        if len(parts) == 3 and not parts[2].isdigit():
+            raise CLIError(f"--problem {spec}: the seed in gaussian:D:SEED must be a non-negative integer")
+        seed = int(parts[2]) if len(parts) == 3 else 0
+        return _gaussian_problem(text, problems.GaussianOT(dim, seed=seed))
+    names = parts if len(parts) == 2 else (["gaussian", parts[0]] if len(parts) == 1 else None)
+    bad = [n for n in (names or []) if n not in problems.TOYS]
+    if names is None or bad:
+        near = difflib.get_close_matches(bad[0], list(problems.TOYS), n=1) if bad else []
+        raise CLIError(f"--problem {spec!r}: unknown problem" + (f" {bad[0]!r}" if bad else "")
+                       + (f" (did you mean {near[0]!r}?)" if near else "")
+                       + f"; use a toy ({', '.join(problems.TOYS)}), SRC:TGT of two toys, "
+                       "gaussian:D[:SEED] or a .npz with Sigma0 and Sigma1")
+    a, b = names
+    return _Problem(f"{a}:{b}", 2, lambda n, s: problems.toy(a, n, seed=s),
+                    lambda n, s: problems.toy(b, n, seed=s))
+
+
+def _gaussian_problem(spec, gauss) -> _Problem:
+    chol0, chol1 = np.linalg.cholesky(gauss.sigma0), np.linalg.cholesky(gauss.sigma1)
+
+    def source(n, seed):
+        return gauss.m0 + np.random.default_rng([seed, 0]).standard_normal((n, gauss.dim)) @ chol0.T
+
+    def target(n, seed):
+        return gauss.m1 + np.random.default_rng([seed, 1]).standard_normal((n, gauss.dim)) @ chol1.T
+    return _Problem(spec, gauss.dim, source, target, oracle=gauss)
+
+
+# ------------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    device = resolve_device(args.gpu)
+    problem = _parse_problem(args.problem)
+    cfg = _load_config(args, base=DEMO_BASE)
+    src, tgt = problem.sample(args.samples, cfg["train.seed"])
+    src, tgt = src.astype(np.float32), tgt.astype(np.float32)
+    data = {"input": src, "output": tgt, "input_labels": None, "output_labels": None}
+    ncf, trainer = _build(cfg, data, device)
+    home = _check_home(args.home_dir or os.getcwd())
+    paths = {"input": None, "output": None, "input_labels": None, "output_labels": None}
+    return _start_run(args, cfg, data, paths, ncf, trainer, home, problem=problem.spec)
+
+
+# -------------------------------------------------------------------------------- transport
+def cmd_transport(args) -> int:
+    device = resolve_device(args.gpu)
+    ckpt_path = _checkpoint_file(args.checkpoint)
+    out = os.path.abspath(args.out)
+    if not out.endswith(".npy"):
+        raise CLIError(f"--out {args.out}: the output is written with numpy.save; give it a .npy name")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise CLIError(f"--out {args.out}: folder {os.path.dirname(out)} does not exist")
+    if not os.access(os.path.dirname(out), os.W_OK):
+        raise CLIError(f"--out {args.out}: folder {os.path.dirname(out)} is not writable")
+    if args.inverse and args.t is not None:
+        raise CLIError("--t gives a point on the forward characteristics x(t); it cannot be combined "
+                       "with --inverse")
+    ncf = _load_model(ckpt_path, device)
+    x = load_array(args.input, "--input")
+    if x.shape[1] != ncf.dim:
+        raise CLIError(f"{args.input} has dimension {x.shape[1]} but the checkpoint {ckpt_path} was "
+                       f"trained in dimension {ncf.dim}")
+    if args.t is not None and not 0 <= args.t <= ncf.t_final:
+        raise CLIError(f"--t {args.t:g}: must lie in [0, t_final = {ncf.t_final:g}]")
+    if args.inverse:
+        y, what = ncf.inverse(x), "T^-1(x)"
+    elif args.t is not None:
+        y, what = ncf.interpolate(x, args.t), f"x(t={args.t:g})"
+    else:
+        y, what = ncf.transport(x), "T(x)"
+    _write_npy(out, y)
+    _info(args, f"wrote {what} for {x.shape[0]} rows of dimension {x.shape[1]} to {out}")
+    print(out, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from . import metrics as m
+    device = resolve_device(args.gpu)
+    ckpt_path = _checkpoint_file(args.checkpoint)
+    if args.problem is None and (args.input is None or args.output is None):
+        raise CLIError("evaluate needs --problem (gaussian:D[:SEED], a .npz, a toy pair) or "
+                       "--input and --output sample files")
+    problem = _parse_problem(args.problem) if args.problem is not None else None
+    ncf = _load_model(ckpt_path, device)
+    if problem is not None:
+        if problem.dim != ncf.dim:
+            raise CLIError(f"--problem {args.problem} has dimension {problem.dim} but the checkpoint "
+                           f"{ckpt_path} was trained in dimension {ncf.dim}")
+        x, y = problem.sample(args.samples, 1_000_003)  # fresh draws, not the demo's training data
+        source_name = problem.spec
+    else:
+        data = _load_data({"input": args.input, "output": args.output})
+        x, y = data["input"], data["output"]
+        if x.shape[1] != ncf.dim:
+            raise CLIError(f"{args.input} has dimension {x.shape[1]} but the checkpoint {ckpt_path} "
+                           f"was trained in dimension {ncf.dim}")
+        source_name = f"{args.input} -> {args.output}"
+    pushed, pulled = ncf.transport(x), ncf.inverse(y)
+    rng = np.random.default_rng(0)
+    xs, ys = _subsample(rng, x, METRIC_SAMPLES * 2), _subsample(rng, y, METRIC_SAMPLES * 2)
+    ps, qs = ncf.transport(xs), ncf.inverse(ys)
+    out = {"checkpoint": os.path.abspath(ckpt_path), "problem": source_name,
+           "samples": int(x.shape[0])}
+    if problem is not None and problem.oracle is not None:
+        if ncf.cost.spec != "quadratic":
+            raise CLIError(f"{ckpt_path}: the Gaussian closed form is the OT map of the quadratic cost; "
+                           f"this model uses cost {ncf.cost.spec!r}")
+        out["l2_uvp_forward"] = m.l2_uvp(pushed, problem.oracle.forward_map(x), y)
+        out["l2_uvp_backward"] = m.l2_uvp(pulled, problem.oracle.inverse_map(y), x)
+    out["energy_distance_forward"] = m.energy_distance(ps, ys)
+    out["energy_distance_backward"] = m.energy_distance(qs, xs)
+    out["energy_distance_initial"] = m.energy_distance(xs, ys)
+    out["cycle_error"] = m.cycle_error(ncf, xs)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        width = max(len(k) for k in out)
+        for k, v in out.items():
+            unit = " %" if k.startswith("l2_uvp") else ""
+            print(f"{k:<{width}}  {v:.4g}{unit}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parsing
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (STYLE: one line on stderr, exit 2) and flag suggestions."""
+
+    def _flags(self):
+        for action in self._actions:
+            yield from action.option_strings
+            if isinstance(action, argparse._SubParsersAction):  # extras are reported at the top
+                for sub in action.choices.values():
+                    yield from sub._flags()
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            flags = sorted(set(self._flags()))
+            for word in message.split(":", 1)[1].split():
+                near = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                if word.startswith("-") and near:
+                    message += f" (did you mean {near[0]}?)"
+                    break
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ncf-fast", description="Optimal transport with Neural Characteristic "
+                     "Flows: train a map, apply it, check it. `ncf-fast demo` needs no files.")
+    parser.add_argument("--version", action="version", version=f"ncf_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,transport,demo,evaluate}",
+                                parser_class=_Parser)
+
+    def common(p):
+        p.add_argument("--gpu", metavar="ID|cpu", help="CUDA device index or cpu "
+                       "(default: CUDA device 0 if available, else cpu)")
+        p.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar: one plain line per held-out check (for log files)")
+
+    p = sub.add_parser("train", help="train on .npy sample files (the original run.py flags)",
+                       description="Train an NCF map from --input (source) to --output (target) "
+                       "samples; writes HOME/exps/NAME/<timestamp>/ and prints its path last.")
+    p.add_argument("--conf", metavar="setup.conf", help="HOCON config (every key has a default)")
+    p.add_argument("--home_dir", metavar="H", help="where exps/ goes (default: current folder)")
+    p.add_argument("--data_dir", metavar="D", help="folder of --input/--output/labels (default: .)")
+    p.add_argument("--input", metavar="input_data.npy", help="source samples, shape (N, d)")
+    p.add_argument("--output", metavar="output_data.npy", help="target samples, shape (M, d)")
+    p.add_argument("--input_labels", metavar="F", help="class labels of the source, shape (N,)")
+    p.add_argument("--output_labels", metavar="F", help="class labels of the target, shape (M,)")
+    p.add_argument("--expname", metavar="NAME", help="run.expname (default: ncf)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="train.steps")
+    p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed")
+    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), help="model.backend")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR "
+                   "(same step, optimizer, schedule and random stream); --steps may extend it")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("transport", help="apply a trained map to samples",
+                       description="Write T(x), T^-1(x) (--inverse) or x(t) (--t T) for the rows of "
+                       "--input.")
+    p.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint file or run folder")
+    p.add_argument("--input", required=True, metavar="X.npy", help="points, shape (N, d)")
+    p.add_argument("--out", required=True, metavar="Y.npy", help="where to write the result")
+    p.add_argument("--inverse", action="store_true", help="backward map T^-1 instead of T")
+    p.add_argument("--t", type=_number, metavar="T", help="point x(t) on the characteristic, 0 <= t <= t_f")
+    common(p)
+    p.set_defaults(func=cmd_transport)
+
+    p = sub.add_parser("demo", help="train on a built-in problem and plot it (no files needed)",
+                       description="Train on a built-in problem in about a minute on a CPU, write "
+                       "a run folder with plots and print its path last.")
+    p.add_argument("--problem", default=DEMO_PROBLEM, metavar="NAME",
+                   help=f"a toy (source N(0, I)), SRC:TGT of two toys, gaussian:D[:SEED] or a .npz "
+                        f"with Sigma0, Sigma1 (default: {DEMO_PROBLEM})")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help=f"train.steps (default: {DEMO_BASE['train.steps']})")
+    p.add_argument("--home_dir", metavar="H", help="where exps/ goes (default: current folder)")
+    p.add_argument("--conf", metavar="setup.conf", help="HOCON config on top of the demo's defaults")
+    p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed (also seeds the samples)")
+    p.add_argument("--samples", type=_positive_int, default=DEMO_SAMPLES, metavar="N",
+                   help=f"samples per side (default: {DEMO_SAMPLES})")
+    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), help="model.backend")
+    common(p)
+    p.set_defaults(func=cmd_demo, expname=None)
+
+    p = sub.add_parser("evaluate", help="accuracy of a trained map",
+                       description="Forward/backward L2-UVP against a Gaussian closed form, energy "
+                       "distances and the cycle error |T^-1(T(x)) - x|.")
+    p.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint file or run folder")
+    p.add_argument("--problem", metavar="P", help="gaussian:D[:SEED], a .npz with Sigma0, Sigma1, or a toy pair")
+    p.add_argument("--input", metavar="X.npy", help="source samples (instead of --problem)")
+    p.add_argument("--output", metavar="Y.npy", help="target samples (instead of --problem)")
+    p.add_argument("--samples", type=_positive_int, default=10_000, metavar="N",
+                   help="samples drawn from --problem (default: 10000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ncf-fast`` and ``python -m ncf_fast``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0].startswith("--") and argv[0] not in (
+            "--help", "--version"):
+        argv.insert(0, "train")  # the original run.py flags, no sub-command
+    debug = os.environ.get("NCF_FAST_DEBUG", "") not in ("", "0")
+    try:
+        parser = build_parser()
+        if not argv:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise CLIError(f"ncf-fast: choose a command: {', '.join(SUBCOMMANDS)} (see ncf-fast --help)")
+        return args.func(args)
+    except CLIError as exc:
+        if debug:
+            raise
+        print(f"ncf-fast: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nncf-fast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError) as exc:  # library checks that the CLI did not pre-empt
+        if debug:
+            raise
+        print(f"ncf-fast: error: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a bug or a device failure: still one line
+        if debug:
+            raise
+        print(f"ncf-fast: error: {type(exc).__name__}: {_first_line(exc)} "
+              "(set NCF_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

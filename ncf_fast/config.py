@@ -1,0 +1,304 @@
+"""``setup.conf``: the HOCON run configuration of the command-line tool.
+
+The file has three sections; every key has a default, so an empty file is valid::
+
+    model { hidden = null, activation = softplus, cost = quadratic, t_final = 1.0, ... }
+    train { steps = 3000, batch_size = 512, lr = 2e-3, seed = 0, collocation { ... }, ... }
+    run   { expname = ncf, checkpoint_every = 500, plot_points = 1500 }
+
+:data:`KEYS` lists every key with its default, type and meaning (the README's table is
+:func:`keys_markdown`). Precedence: defaults < the file < command-line flags. An unknown key or a
+value of the wrong type raises :class:`ConfigError` naming the key and the closest valid one.
+pyhocon is imported only when a file is actually read, so ``import ncf_fast`` does not need it.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from .trainer import TrainConfig
+
+__all__ = ["ConfigError", "KEYS", "defaults", "load_config", "parse_config", "to_hocon",
+           "keys_markdown", "model_kwargs", "train_config"]
+
+
+class ConfigError(ValueError):
+    """A bad setup.conf (or override): the message names the key and what to write instead."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str            # dotted name, e.g. "train.steps"
+    default: object
+    kind: str            # int, float, str, choice, widths
+    doc: str
+    choices: tuple = ()
+    minimum: float | None = None   # inclusive lower bound for numbers
+    positive: bool = False         # strictly > 0
+
+
+_TC = TrainConfig()  # the training defaults live in one place: TrainConfig
+_COLLOCATION = ("source", "target", "interpolant", "path", "box")
+
+KEYS: tuple[Key, ...] = (
+    Key("model.hidden", None, "widths",
+        "hidden widths of u's MLP, e.g. [128, 128, 128]; null = 3 layers of 64 (d <= 4), 128 (d <= 8), 256"),
+    Key("model.activation", "softplus", "choice", "smooth activation", ("softplus", "tanh", "silu")),
+    Key("model.cost", "quadratic", "str", "transport cost: quadratic or power:q (1 < q <= 2)"),
+    Key("model.t_final", 1.0, "float", "horizon t_f of the cost t_f l((y - x) / t_f)", positive=True),
+    Key("model.dtype", "float32", "choice", "parameter precision", ("float32", "float64")),
+    Key("model.backend", "auto", "choice", "auto = triton on CUDA, torch on CPU",
+        ("auto", "reference", "torch", "triton")),
+    Key("train.steps", _TC.steps, "int", "Adam steps", positive=True),
+    Key("train.batch_size", _TC.batch_size, "int", "collocation points per step (L_HJ)", positive=True),
+    Key("train.mmd_batch_size", _TC.mmd_batch_size, "int", "target samples per step (L_MMD)", minimum=2),
+    Key("train.mmd_active", _TC.mmd_active, "int",
+        "pushed samples carrying L_MMD's gradient (0 = all)", minimum=0),
+    Key("train.lr", _TC.lr, "float", "peak learning rate", positive=True),
+    Key("train.lr_final", _TC.lr_final, "float", "learning rate at the end of the cosine decay", minimum=0),
+    Key("train.warmup", _TC.warmup, "int", "linear warm-up steps", minimum=0),
+    Key("train.mmd_weight", _TC.mmd_weight, "float", "lambda in L = L_HJ + lambda L_MMD", minimum=0),
+    *(Key(f"train.collocation.{k}", float(_TC.collocation.get(k, 0.0)), "float",
+          f"weight of {k} points in the collocation mixture", minimum=0) for k in _COLLOCATION),
+    Key("train.box_margin", _TC.box_margin, "float", "box widening, fraction of the data range", minimum=0),
+    Key("train.eval_every", _TC.eval_every, "int", "steps between held-out checks", positive=True),
+    Key("train.holdout", _TC.holdout, "int", "samples per side held out for the check", minimum=0),
+    Key("train.seed", 0, "int", "seeds the initialisation, the held-out split and the batches", minimum=0),
+    Key("run.expname", "ncf", "str", "experiment name: runs go to HOME/exps/EXPNAME/<timestamp>/"),
+    Key("run.checkpoint_every", 500, "int", "steps between checkpoints (one is also written at the end)",
+        positive=True),
+    Key("run.plot_points", 1500, "int", "points drawn in the scatter plots", positive=True),
+)
+_BY_NAME = {k.name: k for k in KEYS}
+_SECTIONS = {"model", "train", "run", "train.collocation"}
+
+
+def defaults() -> dict:
+    """{dotted key: default} for every key."""
+    return {k.name: k.default for k in KEYS}
+
+
+def _closest(name: str) -> str | None:
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [k for k in _BY_NAME if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    close = difflib.get_close_matches(name, list(_BY_NAME) + sorted(_SECTIONS), n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in _BY_NAME}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[close[0]] if close else None
+
+
+def _unknown(name: str, source: str) -> ConfigError:
+    near = _closest(name)
+    hint = f"; did you mean {near!r}?" if near else "; see the README for the list of keys"
+    return ConfigError(f"{source}: unknown key {name!r}{hint}")
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"{value!r} (a string)"
+    if isinstance(value, dict):
+        return "a section { ... }"
+    if isinstance(value, list):
+        return f"{value!r} (a list)"
+    return repr(value)
+
+
+def _check_value(key: Key, value, source: str):
+    """The value converted to the key's type, or a ConfigError naming the key."""
+    where = f"{source}: {key.name}"
+    if key.kind == "widths":
+        if value is None:
+            return None
+        if (not isinstance(value, list) or not value or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+            raise ConfigError(f"{where} must be a list of positive integers such as [64, 64, 64] "
+                              f"(or null for the default), got {_describe(value)}")
+        return [int(v) for v in value]
+    if key.kind in ("str", "choice"):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a string, got {_describe(value)}")
+        if key.kind == "choice" and value.lower() not in key.choices:
+            near = difflib.get_close_matches(value.lower(), key.choices, n=1)
+            raise ConfigError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}"
+                              + (f"; did you mean {near[0]!r}?" if near else ""))
+        if key.name == "model.cost":
+            from . import costs
+            try:
+                costs.get(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return value.lower() if key.kind == "choice" else value
+    # numbers
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        noun = "an integer" if key.kind == "int" else "a number"
+        raise ConfigError(f"{where} must be {noun}, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}")
+    if key.kind == "int":
+        if not float(value).is_integer():
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if key.positive and not value > 0:
+        raise ConfigError(f"{where} must be positive, got {value!r}")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{where} must be >= {key.minimum:g}, got {value!r}")
+    return value
+
+
+def _flatten(tree, prefix: str, out: dict, source: str):
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if name in _BY_NAME:  # a leaf written as a section
+                _check_value(_BY_NAME[name], dict(v), source)
+            if name not in _SECTIONS:
+                if not v:
+                    raise _unknown(name, source)
+                _flatten(v, name + ".", out, source)  # report the first unknown leaf inside
+                continue
+            _flatten(v, name + ".", out, source)
+        else:
+            if name in _SECTIONS:
+                raise ConfigError(f"{source}: {name} must be a section {{ ... }}, got {_describe(v)}")
+            if name not in _BY_NAME:
+                raise _unknown(name, source)
+            out[name] = v
+
+
+def parse_config(tree: dict, source: str = "setup.conf", overrides: dict | None = None,
+                 base: dict | None = None) -> dict:
+    """Validate a nested dict (a parsed file) plus {dotted key: value} overrides -> full flat dict.
+
+    Precedence: :data:`KEYS` defaults < ``base`` (e.g. the demo's lighter defaults) < ``tree`` <
+    ``overrides`` (command-line flags). Returns {dotted key: value} for every key."""
+    flat: dict = {}
+    _flatten(tree, "", flat, source)
+    for name, value in (overrides or {}).items():
+        if name not in _BY_NAME:
+            raise _unknown(name, "override")
+        flat[name] = value
+    out = defaults()
+    for name, value in (base or {}).items():
+        if name not in _BY_NAME:
+            raise _unknown(name, "base")
+        out[name] = value
+    for name, value in flat.items():
+        out[name] = _check_value(_BY_NAME[name], value, source if name not in (overrides or {})
+                                 else "command line")
+    if sum(out[f"train.collocation.{k}"] for k in _COLLOCATION) <= 0:
+        raise ConfigError(f"{source}: train.collocation weights are all 0; give at least one "
+                          "kind (source, target, interpolant, path, box) a positive weight")
+    train_config(out)  # TrainConfig's own checks, once, with the file named
+    return out
+
+
+def load_config(path: str | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> dict:
+    """Read a HOCON setup.conf (None = defaults only) -> full flat {dotted key: value}.
+
+    ``overrides`` (command-line values) win over the file; ``base`` sits below it."""
+    if path is None:
+        return parse_config({}, "defaults", overrides, base)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory; --conf takes a HOCON file such as setup.conf")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; --conf takes a HOCON file such as setup.conf") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    try:
+        from pyhocon import ConfigFactory
+    except ImportError:
+        raise ConfigError("reading a setup.conf needs pyhocon: pip install pyhocon") from None
+    try:
+        tree = ConfigFactory.parse_string(text, basedir=os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:  # pyparsing / pyhocon exceptions: all mean "bad syntax"
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"{path}: HOCON syntax error: {msg[:200]}") from None
+    return parse_config(_plain(tree), path, overrides, base)
+
+
+def _plain(tree):
+    """pyhocon ConfigTree -> plain nested dicts/lists (pyhocon's null becomes None)."""
+    if isinstance(tree, dict):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_plain(v) for v in tree]
+    if type(tree).__name__ == "NoneValue":
+        return None
+    return tree
+
+
+def nested(flat: dict) -> dict:
+    """{dotted key: value} -> nested dicts."""
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def to_hocon(flat: dict) -> str:
+    """The resolved config as a setup.conf that :func:`load_config` reads back to the same dict."""
+    lines = ["# resolved configuration of this run (ncf-fast train --conf accepts this file)"]
+
+    def emit(node, indent):
+        for k, v in node.items():
+            pad = "  " * indent
+            if isinstance(v, dict):
+                lines.append(f"{pad}{k} {{")
+                emit(v, indent + 1)
+                lines.append(f"{pad}}}")
+            else:
+                lines.append(f"{pad}{k} = {json.dumps(v)}")
+    emit(nested(flat), 0)
+    return "\n".join(lines) + "\n"
+
+
+def train_config(flat: dict) -> TrainConfig:
+    """The :class:`TrainConfig` of a resolved config."""
+    fields = {n.split(".", 1)[1]: v for n, v in flat.items()
+              if n.startswith("train.") and not n.startswith("train.collocation.") and n != "train.seed"}
+    coll = {k: flat[f"train.collocation.{k}"] for k in _COLLOCATION if flat[f"train.collocation.{k}"] > 0}
+    try:
+        return TrainConfig(**fields, collocation=coll)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"train: {exc}") from None
+
+
+def model_kwargs(flat: dict) -> dict:
+    """Keyword arguments of :class:`ncf_fast.NCF` (all but dim and device) from a resolved config."""
+    m = {n.split(".", 1)[1]: v for n, v in flat.items() if n.startswith("model.")}
+    hidden = tuple(m.pop("hidden")) if m["hidden"] is not None else None
+    return {**m, "hidden": hidden, "seed": flat["train.seed"]}
+
+
+def keys_markdown() -> str:
+    """The README's table: key, default, meaning."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for k in KEYS:
+        default = "null" if k.default is None else json.dumps(k.default)
+        doc = k.doc + (f" ({' / '.join(k.choices)})" if k.choices and k.kind == "choice" else "")
+        rows.append(f"| `{k.name}` | `{default}` | {doc} |")
+    return "\n".join(rows)
