@@ -181,11 +181,32 @@ class NCF:
             raise TypeError(f"fit() got an unknown option {name!r}"
                             + (f"; did you mean {close[0]!r}?" if close else ""))
         config = TrainConfig(**{**given, **options})
+        self.make_trainer(source, target, config, source_labels=source_labels,
+                          target_labels=target_labels)
+        self.trainer.run(progress=progress, callback=callback, history=self.history)
+        return self
+
+    def make_trainer(self, source, target, config: TrainConfig | None = None, *, source_labels=None,
+                     target_labels=None) -> Trainer:
+        """Build, without running, the :class:`~ncf_fast.trainer.Trainer` that :meth:`fit` runs.
+
+        Same arguments as :meth:`fit` (``config`` defaults to ``TrainConfig()``); validates the
+        data, sets the standardisation and the held-out split (deterministic given ``seed``) and
+        stores the trainer in ``self.trainer``. To resume an interrupted fit from a checkpoint
+        written with ``to_checkpoint(include_trainer=True)``::
+
+            ncf = NCF.from_checkpoint(ckpt)
+            trainer = ncf.make_trainer(source, target, config)
+            trainer.load_state_dict(ckpt["trainer"])   # step, optimizer, random stream
+            trainer.run(history=ncf.history)
+        """
+        config = TrainConfig() if config is None else config
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if (source_labels is None) != (target_labels is None):
             raise ValueError("class-conditional OT needs both source_labels and target_labels")
         self.trainer = self._make_trainer(source, target, source_labels, target_labels, config)
-        self.trainer.run(progress=progress, callback=callback, history=self.history)
-        return self
+        return self.trainer
 
     def _make_trainer(self, source, target, source_labels, target_labels, config: TrainConfig):
         src, src_np, src_lab = self._sample_set(source, source_labels, "source")
@@ -299,16 +320,29 @@ class NCF:
         return self._apply(x, "x", fn)
 
     # ---------------------------------------------------------------------- save/load
-    def _checkpoint(self) -> dict:
+    def to_checkpoint(self, include_trainer: bool = False) -> dict:
+        """The dict :meth:`save` writes (tensors and plain data only; :meth:`from_checkpoint` reads it).
+
+        include_trainer: also store ``"trainer"``, the state of the last :meth:`fit` /
+        :meth:`make_trainer` (step, optimizer, random stream, TrainConfig) so training can resume.
+        """
         from . import __version__
-        return {"format": FORMAT, "version": __version__, "config": self.config,
+        ckpt = {"format": FORMAT, "version": __version__, "config": self.config,
                 "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "shift": self.shift.clone(), "scale": float(self.scale),
                 "history": {k: (list(v) if isinstance(v, list) else v) for k, v in self.history.items()}}
+        if include_trainer:
+            if self.trainer is None:
+                raise ValueError("include_trainer=True needs a trainer: call fit() or make_trainer() first")
+            ckpt["trainer"] = self.trainer.state_dict()
+        return ckpt
 
-    def save(self, path) -> None:
-        """Write config, weights, standardisation and library version to one file, atomically."""
-        save_atomic(self._checkpoint(), path)
+    def save(self, path, include_trainer: bool = False) -> None:
+        """Write config, weights, standardisation and library version to one file, atomically.
+
+        include_trainer: also write the trainer state, to resume training (see :meth:`make_trainer`).
+        """
+        save_atomic(self.to_checkpoint(include_trainer), path)
 
     @classmethod
     def load(cls, path, device=None) -> "NCF":
@@ -327,8 +361,9 @@ class NCF:
             ncf.shift = torch.as_tensor(ckpt["shift"], dtype=torch.float64).reshape(ncf.dim)
             ncf.scale = float(ckpt["scale"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            detail = " ".join(str(exc).split())  # load_state_dict puts the shapes on line 2
             raise ValueError(f"{path}: not a valid ncf_fast checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0]})") from exc
+                             f"{detail[:300]})") from exc
         history = ckpt.get("history")
         if isinstance(history, dict):
             ncf.history.update(history)
@@ -344,7 +379,9 @@ def read_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, EOFError, zip errors: all say "bad file"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch says "Unsupported global" (allow-listable classes) or "unsupported GLOBAL ...
+        # whose module is blocked" (os, builtins, subprocess): both mean a pickled object
+        if "unsupported global" in str(exc).lower():
             raise ValueError(f"{path}: refusing to load: the file holds pickled Python objects "
                              "(only tensors and plain data are allowed)") from None
         raise ValueError(f"{path}: truncated or corrupted checkpoint ({first[:120]})") from None
