@@ -17,13 +17,17 @@ Tiling. A program owns BLOCK_N rows of a (loaded once, BLOCK_D >= d columns, zer
 loops over the BLOCK_M-row tiles of b in its column range, keeping S_i (float64: one add per
 row per tile) and Ga_i (float32) in registers. Two arithmetic modes, picked from d:
 
-* GRAM (d > 4): |a - b|^2 = |a|^2 + |b|^2 - 2 a.b with a.b = tl.dot(A, B^T) and the gradient
-  sum_j w_ij (a_i - b_j) = a_i sum_j w_ij - tl.dot(W, B), w = 1/|a_i - b_j|, both on tensor
-  cores in input_precision="tf32x3" (three tf32 products, ~2^-20 relative: plain "tf32" has
-  2^-11 and would cancel; "ieee" has no tensor-core path on Hopper). The Gram form cancels for
-  nearby points, so pairs with |a - b|^2 <= NEAR (|a|^2 + |b|^2) are recomputed from explicit
-  differences (value and unit vector) -- only in tiles that contain such a pair (a runtime
-  branch) -- which bounds the Gram rounding to 2^-20 / NEAR of |a - b|^2 for every pair kept.
+* GRAM (d > 4): |a - b|^2 = |a|^2 + |b|^2 - 2 a.b with a.b = A B^T and the gradient
+  sum_j w_ij (a_i - b_j) = a_i sum_j w_ij - W B, w = 1/|a_i - b_j|, both on tensor cores as
+  tf32x3: x = hi + lo (hi = x truncated to tf32; the launcher splits a and b, the kernel splits
+  w) and A B^T = lo.hi + hi.lo + hi.hi, three tl.dot(input_precision="tf32") -- ~2^-20 relative,
+  where plain tf32 (2^-11) would cancel and "ieee" has no tensor-core path. Splitting on the host
+  lets the loop-invariant A operand sit in shared memory (Triton's own tf32x3 split keeps it in
+  registers, which spills at BLOCK_D = 64). The Gram form cancels for nearby points, so pairs
+  with |a - b|^2 <= NEAR (|a|^2 + |b|^2) are redone from explicit differences (value, and unit
+  vectors added atomically into the program's own rows of Ga) -- only in tiles that contain such
+  a pair (a runtime branch) -- which bounds the Gram rounding to ~2^-20 / NEAR of |a - b|^2 for
+  every pair it keeps.
 * DIRECT (d <= 4): explicit differences for every pair (3d + ~10 flops): cheaper than the
   padded dot plus the near-pair fix, which low-dimensional data triggers in almost every tile.
 
@@ -38,9 +42,10 @@ pair -> 1.55 s at 495 TFLOP/s; ~12 fp32 instructions per pair on the CUDA cores 
 33.5e12 instr/s; one MUFU rsqrt per pair -> 0.96 s at 16 * 132 SMs * 1.98 GHz = 4.2e12/s. The
 three units overlap, so the bound is ~1.6 s (value only: 3e12 pairs, ~0.7 s). Not measured yet.
 
-Shapes: a (N, d), b (M, d), any strides, float32 (the launchers upcast/downcast other float
-dtypes); outputs S (N,) float64, Ga (N, d) float32. d <= MAX_D (the gradient accumulator tile
-is BLOCK_N x BLOCK_D registers); larger d uses ncf_fast.energy's torch path.
+Shapes: a (N, d), b (M, d), float32 (the launchers convert other float dtypes and make them
+contiguous); outputs S (N,) float64, Ga (N, d) float32. d <= MAX_D = 64 (at BLOCK_D = 128 the
+gradient variant spills on sm_90a); larger d uses ncf_fast.energy's torch path. Tile shapes are
+the largest without spills in tests/test_sm90_compile_energy.py (128 x 32, 128 x 16 at d > 32).
 """
 from __future__ import annotations
 
@@ -54,9 +59,10 @@ import triton.language as tl
 __all__ = ["pair_sums", "segment_pair_sums", "pair_distance_sum", "config_for", "all_configs",
            "MAX_D", "NEAR"]
 
-# Largest d the kernel takes: BLOCK_D = 128 keeps the (64 x 128) fp32 gradient accumulator at 64
-# registers per thread with 4 warps; beyond it the torch path (cuBLAS Gram blocks) is the choice.
-MAX_D = 128
+# Largest d the kernel takes: with BLOCK_D = 128 the gradient variant spills on sm_90a at every
+# tile shape tried (tests/test_sm90_compile_energy.py); larger d uses the torch path (cuBLAS Gram
+# blocks), which "auto" picks.
+MAX_D = 64
 # d <= DIRECT_MAX_D uses explicit differences: at d <= 4 they cost <= 22 flops per pair, and the
 # near-pair fix of the Gram form fires in nearly every tile of low-dimensional data anyway.
 DIRECT_MAX_D = 4
@@ -119,18 +125,47 @@ def _direct_unit_sums(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, w, d, stride
 
 
 @triton.jit
+def _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok, col_ok, near_pair, d,
+                    stride_ad, stride_bd, stride_gn, stride_gd,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GRAD: tl.constexpr):
+    """The flagged pairs of a GRAM tile from explicit differences: returns their row sums of
+    |a_i - b_j| and (GRAD) atomically adds sum_j u(a_i - b_j) into this program's own rows of
+    g, one coordinate at a time, so that no (BLOCK_N, BLOCK_D) tile is held in registers."""
+    d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d, stride_ad, stride_bd,
+                    BLOCK_N, BLOCK_M)
+    pos = near_pair & (d2 > 0.0)
+    w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
+    if GRAD:
+        g_rows = rows.to(tl.int64) * stride_gn
+        for k in range(0, d):
+            ak = tl.load(a_ptr + rows64 + k * stride_ad, mask=row_ok, other=0.0).to(tl.float32)
+            bk = tl.load(b_ptr + cols64 + k * stride_bd, mask=col_ok, other=0.0).to(tl.float32)
+            gk = tl.sum(w * (ak[:, None] - bk[None, :]), axis=1)
+            tl.atomic_add(g_ptr + g_rows + k * stride_gd, gk, mask=row_ok, sem="relaxed")
+    return tl.sum(d2 * w, axis=1)
+
+
+@triton.jit
+def _tf32_split(x):
+    """x = hi + lo with hi = x truncated to tf32 (10 mantissa bits): the tf32x3 operand split."""
+    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
 def _pair_sums_kernel(
-        a_ptr, b_ptr, s_ptr, g_ptr,
+        a_ptr, b_ptr, ahi_ptr, alo_ptr, bhi_ptr, blo_ptr, a2_ptr, b2_ptr, s_ptr, g_ptr,
         blk_seg_ptr, blk_row_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr,
         d,
         stride_an, stride_ad, stride_bm, stride_bd, stride_gn, stride_gd,
         near,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        GRAM: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr):
+        GRAM: tl.constexpr, GRAD: tl.constexpr):
     """S_i = sum_j |a_i - b_j| (and Ga_i = sum_j u(a_i - b_j) if GRAD) for one BLOCK_N row block.
 
     The block table gives this program's segment and first row; the segment gives the row end and
-    the column range. S is stored in float64, Ga in float32.
+    the column range. S is stored in float64, Ga in float32. GRAM mode reads the tf32 split
+    (hi, lo) of a and b, zero padded to BLOCK_D columns, and |a|^2, |b|^2 from the launcher.
     """
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid)
@@ -143,10 +178,13 @@ def _pair_sums_kernel(
     row_ok = rows < row_hi
     rows64 = rows.to(tl.int64) * stride_an  # int64: N * d may pass 2^31
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < d
-    a_tile = tl.load(a_ptr + rows64[:, None] + offs_d[None, :] * stride_ad,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    a2 = tl.sum(a_tile * a_tile, axis=1)
+    if GRAM:
+        # the split operands stay in shared memory (loaded once, straight into the dots) rather
+        # than in registers, which BLOCK_D >= 64 would exhaust
+        split_rows = rows.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :]
+        a_hi = tl.load(ahi_ptr + split_rows, mask=row_ok[:, None], other=0.0)
+        a_lo = tl.load(alo_ptr + split_rows, mask=row_ok[:, None], other=0.0)
+        a2 = tl.load(a2_ptr + rows, mask=row_ok, other=0.0)
 
     s_acc = tl.zeros([BLOCK_N], dtype=tl.float64)
     g_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -157,47 +195,56 @@ def _pair_sums_kernel(
         cols64 = cols.to(tl.int64) * stride_bm
         valid = row_ok[:, None] & col_ok[None, :]
         if GRAM:
-            b_tile = tl.load(b_ptr + cols64[:, None] + offs_d[None, :] * stride_bd,
-                             mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            b2 = tl.sum(b_tile * b_tile, axis=1)
+            split_cols = cols.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :]
+            b_hi = tl.load(bhi_ptr + split_cols, mask=col_ok[:, None], other=0.0)
+            b_lo = tl.load(blo_ptr + split_cols, mask=col_ok[:, None], other=0.0)
+            b2 = tl.load(b2_ptr + cols, mask=col_ok, other=0.0)
             norms = a2[:, None] + b2[None, :]
-            ab = tl.dot(a_tile, tl.trans(b_tile), input_precision=PRECISION)
+            # tf32x3: a.b = lo.hi + hi.lo + hi.hi (small terms first), ~2^-20 relative
+            ab = tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
+            ab = tl.dot(a_hi, tl.trans(b_lo), acc=ab, input_precision="tf32")
+            ab = tl.dot(a_hi, tl.trans(b_hi), acc=ab, input_precision="tf32")
             d2 = norms - 2.0 * ab
-            near_pair = (d2 <= near * norms) & valid
-            n_near = tl.sum(near_pair.to(tl.int32))
-            if n_near > 0:
-                d2_direct = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d,
-                                       stride_ad, stride_bd, BLOCK_N, BLOCK_M)
-                d2 = tl.where(near_pair, d2_direct, d2)
-            d2 = tl.maximum(d2, 0.0)
+            far = d2 > near * norms  # also > 0: the Gram form is trusted here
+            near_pair = valid & (d2 <= near * norms)
+            if tl.sum(near_pair.to(tl.int32)) > 0:  # rare beyond d = 4: a runtime branch
+                s_acc += _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok,
+                                         col_ok, near_pair, d, stride_ad, stride_bd, stride_gn,
+                                         stride_gd, BLOCK_N, BLOCK_M, GRAD).to(tl.float64)
+            pos = valid & far
         else:
             d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d,
                             stride_ad, stride_bd, BLOCK_N, BLOCK_M)
-        pos = valid & (d2 > 0.0)
+            pos = valid & (d2 > 0.0)
         # one MUFU rsqrt gives both 1/|a - b| and |a - b| = d2 w; rsqrt(1) off the support keeps
         # inf out of the interpreter (no cost on the GPU beyond one select)
         w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
         s_acc += tl.sum(d2 * w, axis=1).to(tl.float64)
         if GRAD:
             if GRAM:
-                w_far = tl.where(near_pair, 0.0, w)
-                w_acc += tl.sum(w_far, axis=1)
-                g_acc -= tl.dot(w_far, b_tile, input_precision=PRECISION)
-                if n_near > 0:
-                    g_acc += _direct_unit_sums(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok,
-                                               tl.where(near_pair, w, 0.0), d, stride_ad,
-                                               stride_bd, BLOCK_N, BLOCK_D)
+                w_acc += tl.sum(w, axis=1)
+                # - sum_j w_ij b_j in tf32x3 (w is split here, b by the launcher)
+                w_hi, w_lo = _tf32_split(-w)
+                g_acc = tl.dot(w_lo, b_hi, acc=g_acc, input_precision="tf32")
+                g_acc = tl.dot(w_hi, b_lo, acc=g_acc, input_precision="tf32")
+                g_acc = tl.dot(w_hi, b_hi, acc=g_acc, input_precision="tf32")
             else:
                 g_acc += _direct_unit_sums(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, w, d,
                                            stride_ad, stride_bd, BLOCK_N, BLOCK_D)
 
     tl.store(s_ptr + rows, s_acc, mask=row_ok)
     if GRAD:
+        d_ok = offs_d < d
+        g_ptrs = g_ptr + (rows.to(tl.int64) * stride_gn)[:, None] + offs_d[None, :] * stride_gd
         if GRAM:
+            # + a_i sum_j w_ij (a reloaded: keeping the tile live through the loop spills), added
+            # to the near pairs' sums already in g (zeroed by the launcher)
+            a_tile = tl.load(a_ptr + rows64[:, None] + offs_d[None, :] * stride_ad,
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             g_acc += a_tile * w_acc[:, None]
-        g_rows = rows.to(tl.int64) * stride_gn
-        tl.store(g_ptr + g_rows[:, None] + offs_d[None, :] * stride_gd, g_acc,
-                 mask=row_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        else:
+            tl.store(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,24 +253,25 @@ def _pair_sums_kernel(
 def config_for(d: int) -> dict:
     """The launch configuration for dimension d: constexprs plus num_warps / num_stages.
 
-    BLOCK_N x BLOCK_M = 128 x 64 pairs per tile: 32 fp32 registers per thread per tile-sized
-    temporary with 8 warps; BLOCK_D = 128 halves BLOCK_N to keep the accumulator in registers.
+    Tiles of BLOCK_N x BLOCK_M = 128 x 32 pairs over 8 warps: 16 fp32 registers per thread per
+    tile-sized temporary (d2, w, masks, the split of w); 128 x 64 spills on sm_90a. BLOCK_D = 64
+    halves BLOCK_M to make room for the (128 x 64) gradient accumulator (32 registers per thread).
+    Each choice is the largest tile that compiles without spills in the sm_90a check.
     """
     if not 1 <= d <= MAX_D:
         raise ValueError(f"the Triton energy-distance kernel takes 1 <= d <= {MAX_D}, got d={d}; "
                          f"use backend='torch' for larger d")
     if d <= DIRECT_MAX_D:
-        return dict(BLOCK_N=128, BLOCK_M=64, BLOCK_D=4, GRAM=False, num_warps=8, num_stages=2)
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
-    block_n = 64 if block_d >= 128 else 128
-    return dict(BLOCK_N=block_n, BLOCK_M=64, BLOCK_D=block_d, GRAM=True,
-                num_warps=4 if block_d >= 128 else 8, num_stages=2)
+        return dict(BLOCK_N=128, BLOCK_M=32, BLOCK_D=4, GRAM=False, num_warps=8, num_stages=2)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16 (tf32: K % 8 == 0)
+    return dict(BLOCK_N=128, BLOCK_M=16 if block_d >= 64 else 32, BLOCK_D=block_d, GRAM=True,
+                num_warps=8, num_stages=2)
 
 
 def all_configs():
     """Every (d bucket, GRAD) configuration the launcher can pick: for the sm_90a compile check."""
     out = []
-    for d in (DIRECT_MAX_D, 16, 32, 64, 128):
+    for d in (DIRECT_MAX_D, 16, 32, 64):
         for grad in (False, True):
             out.append((d, grad, config_for(d)))
     return out
@@ -256,7 +304,19 @@ def _check(a, b):
         raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
     if a.shape[0] >= 2 ** 31 or b.shape[0] >= 2 ** 31:
         raise ValueError("pair sums take fewer than 2^31 rows per set (int32 block table)")
-    return a.float(), b.float()  # fp32 arithmetic whatever comes in (no-op for float32)
+    # fp32 arithmetic whatever comes in; contiguous, so that the unit column stride specialises
+    return a.float().contiguous(), b.float().contiguous()
+
+
+def _gram_operands(x, block_d):
+    """(hi, lo, |x|^2): x = hi + lo, hi = x truncated to tf32 (as the kernel splits w), both
+    zero padded to block_d columns and contiguous; |x|^2 summed in float64, stored in float32."""
+    n, d = x.shape
+    hi = torch.zeros((n, block_d), dtype=torch.float32, device=x.device)
+    lo = torch.zeros_like(hi)
+    hi[:, :d] = (x.view(torch.int32) & -8192).view(torch.float32)  # -8192 = 0xFFFFE000
+    lo[:, :d] = x - hi[:, :d]
+    return hi, lo, x.double().square().sum(1).float()
 
 
 def _launch(a, b, grad, seg, rows, row_hi, col_lo, col_hi, zero_init):
@@ -265,14 +325,23 @@ def _launch(a, b, grad, seg, rows, row_hi, col_lo, col_hi, zero_init):
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     alloc = torch.zeros if zero_init else torch.empty
     s = alloc(n, dtype=torch.float64, device=a.device)
-    g = alloc((n, d), dtype=torch.float32, device=a.device) if grad else s  # s: unused pointer
+    g = None
+    if grad:  # GRAM mode accumulates into g atomically: zeros
+        g = (torch.zeros if cfg["GRAM"] else alloc)((n, d), dtype=torch.float32, device=a.device)
+    if cfg["GRAM"]:
+        a_hi, a_lo, a2 = _gram_operands(a, cfg["BLOCK_D"])
+        b_hi, b_lo, b2 = _gram_operands(b, cfg["BLOCK_D"])
+    else:  # unused pointers
+        a_hi = a_lo = a2 = a
+        b_hi = b_lo = b2 = b
     if len(rows) > 0:
         _pair_sums_kernel[(len(rows),)](
-            a, b, s, g, seg, rows, row_hi, col_lo, col_hi, d,
+            a, b, a_hi, a_lo, b_hi, b_lo, a2, b2, s, g if grad else s, seg, rows, row_hi, col_lo,
+            col_hi, d,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             g.stride(0) if grad else 0, g.stride(1) if grad else 0,
-            NEAR, GRAD=grad, PRECISION="tf32x3", num_warps=num_warps, num_stages=num_stages, **cfg)
-    return s, (g if grad else None)
+            NEAR, GRAD=grad, num_warps=num_warps, num_stages=num_stages, **cfg)
+    return s, g
 
 
 def pair_sums(a: torch.Tensor, b: torch.Tensor, grad: bool = False):

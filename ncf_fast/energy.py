@@ -18,7 +18,7 @@ classes), computed in the forward pass (they cost no extra pairs).
 Backends of the primitive:
 
 * ``triton`` (ncf_fast.kernels.energy_distance): tiled kernel, tensor cores for a.b, one launch
-  for all classes; used by "auto" on CUDA (d <= 128), or on request (CPU under TRITON_INTERPRET=1).
+  for all classes; used by "auto" on CUDA (d <= 64), or on request (CPU under TRITON_INTERPRET=1).
 * ``torch``: row blocks of at most ``_BLOCK_ELEMS`` pairs, so memory stays O((N + M) d) plus one
   block. For d > ``_DIRECT_MAX_D`` distances come from the Gram form |a|^2 + |b|^2 - 2 a.b (a
   GEMM); that form cancels for nearby points, so pairs with |a - b|^2 < _NEAR (|a|^2 + |b|^2) are
@@ -278,7 +278,7 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> 
     Differentiable in a and b; the gradient at coinciding points is finite (0 for that pair).
     backend: "torch" (block-wise, linear memory), "reference" (brute force, O(NMd) memory),
     "triton" (tiled kernel, linear memory; CUDA, or CPU under TRITON_INTERPRET=1, computes in
-    float32), "auto" (triton on CUDA for d <= 128, else torch). Without autograd (no_grad, or no
+    float32), "auto" (triton on CUDA for d <= 64, else torch). Without autograd (no_grad, or no
     input requiring grad) only the value is computed.
     """
     _check_pair(a, b)
