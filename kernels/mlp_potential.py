@@ -26,8 +26,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mlp_sweeps import (dot_precision, down_sweep, launch_config, load_input, mlp_layout,
-                         pack_params, tangent_sweep, unpack_grads, up_sweep, zeros_like_packed)
+from .mlp_sweeps import (block_constexprs, dot_precision, down_sweep, launch_config, mlp_layout,
+                         pack_params,
+                         stage_rows, tangent_sweep, tile, unpack_grads, up_sweep,
+                         zeros_like_packed)
 
 __all__ = ["PotentialAndGrad", "potential_and_grad"]
 
@@ -36,80 +38,82 @@ __all__ = ["PotentialAndGrad", "potential_and_grad"]
 @triton.jit
 def _potential_grad_fwd_kernel(
         x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, u_ptr, p_ptr, ws_ptr,
-        N, D, n_programs,
+        N, D, block_start,
         stride_xn, stride_xd, stride_tn, stride_pn, stride_pd,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        N_HIDDEN: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
-    # workspace slots: a_k (0..L-1), zbar ping-pong (L, L+1), abar (L+2)
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, PRECISION: tl.constexpr):
+    # workspace slots: a_k (0..L-1), zbar ping-pong (L, L+1), abar (L+2), [x, t] (L+3),
+    # its adjoint [grad_x u, du/dt] (L+4)
+    L = N_HIDDEN
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((N_HIDDEN + 3) * BLOCK_M * H_PAD)
-    rd = tl.arange(0, D_PAD)
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    blk = pid
-    while blk < n_blocks:  # persistent loop (a `for` over runtime bounds breaks the interpreter)
-        rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        z0, _ = load_input(x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn, D_PAD)
-        u = up_sweep(z0, ws, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                     BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        g0 = down_sweep(ones, z0, z0, ws, w1_ptr, wh_ptr, wo_ptr,
-                        ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-                        0, 0, 0, N_HIDDEN, N_HIDDEN + 2,
-                        BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                        False, False, False)
-        row_ok = rows < N
-        tl.store(u_ptr + rows, u, mask=row_ok)
-        tl.store(p_ptr + rows[:, None] * stride_pn + rd[None, :] * stride_pd, g0,
+    ws = ws_ptr + pid.to(tl.int64) * ((N_HIDDEN + 5) * BLOCK_M * SLOT_W)
+    blk = block_start + pid  # one row block per program; the launcher loops over chunks
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    stage_rows(ws, L + 3, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
+               BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
+    u = up_sweep(ws, L + 3, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+                 BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    tl.store(u_ptr + rows, u, mask=row_ok)
+    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    down_sweep(ones, ws, L + 3, L + 3, L + 4, 0, 0, 0, L, L + 2,
+               w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               False, False, False)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        tl.store(p_ptr + rows[:, None] * stride_pn + rd[None, :] * stride_pd,
+                 tl.load(tile(ws, L + 4, d0, BLOCK_M, BLOCK_D, SLOT_W)),
                  mask=row_ok[:, None] & (rd[None, :] < D))
-        blk += n_programs
 
 
 @triton.jit
 def _potential_grad_bwd_kernel(
         x_ptr, t_ptr, ubar_ptr, pbar_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
         gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr, xbar_ptr, tbar_ptr, ws_ptr,
-        N, D, n_programs,
+        N, D, block_start,
         stride_xn, stride_xd, stride_tn, stride_pbn, stride_pbd,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        N_HIDDEN: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_PBAR: tl.constexpr):
-    # workspace slots: a_k (0..L-1), g_k (L..2L-1), adot_k (2L..3L-1), zbar (3L, 3L+1), abar (3L+2)
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_PBAR: tl.constexpr):
+    # workspace slots: a_k (0..L-1), g_k (L..2L-1), adot_k (2L..3L-1), zbar ping-pong (3L, 3L+1),
+    # abar (3L+2), [x, t] (3L+3), [pbar, 0] (3L+4), the input adjoint (3L+5)
     L = N_HIDDEN
+    Z = 3 * L + 3
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 3) * BLOCK_M * H_PAD)
-    rd = tl.arange(0, D_PAD)
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    blk = pid
-    while blk < n_blocks:
-        rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        z0, _ = load_input(x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn, D_PAD)
-        ubar = tl.load(ubar_ptr + rows, mask=row_ok, other=0.0)
-        up_sweep(z0, ws, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                 BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        if HAS_PBAR:
-            ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-            down_sweep(ones, z0, z0, ws, w1_ptr, wh_ptr, wo_ptr,
-                       ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-                       0, L, 2 * L, 3 * L, 3 * L + 2,
-                       BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                       True, False, False)
-            zdot0 = tl.load(pbar_ptr + rows[:, None] * stride_pbn + rd[None, :] * stride_pbd,
-                            mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)
-            tangent_sweep(zdot0, ws, 0, 2 * L, w1_ptr, wh_ptr,
-                          BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        else:
-            zdot0 = z0
-        zbar0 = down_sweep(ubar, z0, zdot0, ws, w1_ptr, wh_ptr, wo_ptr,
-                           gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
-                           0, L, 2 * L, 3 * L, 3 * L + 2,
-                           BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                           False, HAS_PBAR, True)
-        tl.store(xbar_ptr + rows[:, None] * D + rd[None, :], zbar0,
+    ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 6) * BLOCK_M * SLOT_W)
+    blk = block_start + pid  # one row block per program; the launcher loops over chunks
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    stage_rows(ws, Z, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
+               BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
+    ubar = tl.load(ubar_ptr + rows, mask=row_ok, other=0.0)
+    up_sweep(ws, Z, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+             BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    if HAS_PBAR:
+        ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        down_sweep(ones, ws, Z, Z, Z + 2, 0, L, 2 * L, 3 * L, 3 * L + 2,
+                   w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
+                   BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+                   True, False, False)
+        stage_rows(ws, Z + 1, pbar_ptr, t_ptr, rows, N, D, stride_pbn, stride_pbd, 0,
+                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, False)
+        tangent_sweep(ws, Z + 1, 0, 2 * L, w1_ptr, wh_ptr,
+                      BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT,
+                      PRECISION)
+    down_sweep(ubar, ws, Z, Z + 1, Z + 2, 0, L, 2 * L, 3 * L, 3 * L + 2,
+               w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               False, HAS_PBAR, True)
+    tbar = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        zbar = tl.load(tile(ws, Z + 2, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        tl.store(xbar_ptr + rows[:, None] * D + rd[None, :], zbar,
                  mask=row_ok[:, None] & (rd[None, :] < D))
-        tbar = tl.sum(tl.where(rd[None, :] == D, zbar0, 0.0), axis=1)
-        tl.store(tbar_ptr + rows, tbar, mask=row_ok)
-        blk += n_programs
+        tbar += tl.sum(tl.where(rd[None, :] == D, zbar, 0.0), axis=1)
+    tl.store(tbar_ptr + rows, tbar, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -120,12 +124,13 @@ def potential_grad_forward(packed, layout, x, t):
     p = torch.empty(n, layout.dim, dtype=torch.float32, device=x.device)
     if n == 0:
         return u, p
-    block_m, programs, warps, ws = launch_config(n, layout, layout.n_hidden + 3, x.device)
-    _potential_grad_fwd_kernel[(programs,)](
-        x, t, *packed, u, p, ws, n, layout.dim, programs,
-        x.stride(0), x.stride(1), t.stride(0), p.stride(0), p.stride(1),
-        BLOCK_M=block_m, BLOCK_H=layout.block_h, H_PAD=layout.h_pad, D_PAD=layout.d_pad,
-        N_HIDDEN=layout.n_hidden, ACT=layout.act, PRECISION=dot_precision(), num_warps=warps)
+    block_m, chunks, warps, ws = launch_config(n, layout, layout.n_hidden + 5, x.device)
+    for start, programs in chunks:
+        _potential_grad_fwd_kernel[(programs,)](
+            x, t, *packed, u, p, ws, n, layout.dim, start,
+            x.stride(0), x.stride(1), t.stride(0), p.stride(0), p.stride(1),
+            **block_constexprs(block_m, layout), PRECISION=dot_precision(), num_warps=warps,
+            num_stages=1)
     return u, p
 
 
@@ -140,13 +145,13 @@ def potential_grad_backward(packed, layout, x, t, ubar, pbar):
     ubar = torch.zeros(n, dtype=torch.float32, device=x.device) if ubar is None else ubar.float()
     has_pbar = pbar is not None
     pbar = x if pbar is None else pbar.float()  # x: an unread placeholder pointer
-    block_m, programs, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 3, x.device)
-    _potential_grad_bwd_kernel[(programs,)](
-        x, t, ubar.contiguous(), pbar, *packed, *grads, xbar, tbar, ws, n, layout.dim, programs,
-        x.stride(0), x.stride(1), t.stride(0), pbar.stride(0), pbar.stride(1),
-        BLOCK_M=block_m, BLOCK_H=layout.block_h, H_PAD=layout.h_pad, D_PAD=layout.d_pad,
-        N_HIDDEN=layout.n_hidden, ACT=layout.act, PRECISION=dot_precision(),
-        HAS_PBAR=has_pbar, num_warps=warps)
+    block_m, chunks, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 6, x.device)
+    for start, programs in chunks:
+        _potential_grad_bwd_kernel[(programs,)](
+            x, t, ubar.contiguous(), pbar, *packed, *grads, xbar, tbar, ws, n, layout.dim, start,
+            x.stride(0), x.stride(1), t.stride(0), pbar.stride(0), pbar.stride(1),
+            **block_constexprs(block_m, layout), PRECISION=dot_precision(), HAS_PBAR=has_pbar,
+            num_warps=warps, num_stages=1)
     return grads, xbar, tbar
 
 

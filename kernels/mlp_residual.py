@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mlp_sweeps import (POWER, QUADRATIC, _fallback, dot_precision, down_sweep, launch_config,
-                         load_input, mlp_layout, pack_params, tangent_sweep, unpack_grads,
-                         up_sweep, zeros_like_packed)
+from .mlp_sweeps import (POWER, QUADRATIC, _fallback, block_constexprs, dot_precision,
+                         down_sweep, launch_config, mlp_layout, pack_params, stage_rows,
+                         tangent_sweep, tile, unpack_grads, up_sweep, zeros_like_packed)
 
 __all__ = ["CharacteristicResidual", "characteristic_residual", "cost_code"]
 
@@ -48,128 +48,151 @@ def _norm_pow(n2, e):
 
 
 @triton.jit
-def _hamiltonian_terms(p, q_star, COST: tl.constexpr):
-    """(grad h(p) (BLOCK_M, D_PAD), L(p) = p . grad h - h (BLOCK_M,), |p|^(q*-2), 1/|p|^2)."""
-    n2 = tl.sum(p * p, axis=1)
+def _hamiltonian_terms(ws, P, D, q_star, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       D_PAD: tl.constexpr, SLOT_W: tl.constexpr, COST: tl.constexpr):
+    """Per row, from p in slot P (columns < D): (|p|^(q*-2), L(p) = p . grad h - h, 1/|p|^2).
+    grad h(p) = |p|^(q*-2) p (= p for the quadratic cost)."""
+    n2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        p = tl.where(rd[None, :] < D, tl.load(tile(ws, P, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        n2 += tl.sum(p * p, axis=1)
     if COST == 0:
-        scale = tl.full(n2.shape, 1.0, dtype=tl.float32)
+        scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
         lag = 0.5 * n2
     else:
         scale = _norm_pow(n2, q_star - 2.0)
-        lag = _norm_pow(n2, q_star) / (q_star / (q_star - 1.0))  # |p|^q* / q
+        lag = _norm_pow(n2, q_star) * ((q_star - 1.0) / q_star)  # |p|^q* / q
     inv_n2 = tl.where(n2 > 0, 1.0 / tl.where(n2 > 0, n2, 1.0), 0.0)
-    return scale[:, None] * p, lag, scale, inv_n2
+    return scale, lag, inv_n2
 
 
 @triton.jit
-def _hess_h_vec(p, v, scale, inv_n2, q_star, COST: tl.constexpr):
-    """grad^2 h(p) v (rows of p, v: (BLOCK_M, D_PAD))."""
-    if COST == 0:
-        hv = v
-    else:
-        pv = tl.sum(p * v, axis=1)
-        hv = scale[:, None] * (v + ((q_star - 2.0) * pv * inv_n2)[:, None] * p)
-    return hv
+def _stage_foot(ws, Z, P, X0, D, t, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                D_PAD: tl.constexpr, SLOT_W: tl.constexpr):
+    """Slot X0 = [x - t grad h(p), 0], the foot of the characteristic, from [x, t] in Z, p in P."""
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        p = tl.load(tile(ws, P, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        z = tl.load(tile(ws, Z, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        x0 = tl.where(rd[None, :] < D, z - (t * scale)[:, None] * p, 0.0)
+        tl.store(tile(ws, X0, d0, BLOCK_M, BLOCK_D, SLOT_W), x0)
+    tl.debug_barrier()
 
 
 @triton.jit
 def _residual_fwd_kernel(
         x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, r_ptr, ws_ptr,
-        N, D, n_programs,
+        N, D, block_start,
         stride_xn, stride_xd, stride_tn,
         q_star,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        N_HIDDEN: tl.constexpr, ACT: tl.constexpr, COST: tl.constexpr,
-        PRECISION: tl.constexpr):
-    # workspace slots: a_k (0..L-1), zbar ping-pong (L, L+1), abar (L+2)
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr):
+    # workspace slots: a_k (0..L-1), zbar ping-pong (L, L+1), abar (L+2), [x, t] (L+3),
+    # [p, du/dt] (L+4), [x0, 0] (L+5)
+    L = N_HIDDEN
+    Z = L + 3
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((N_HIDDEN + 3) * BLOCK_M * H_PAD)
-    rd = tl.arange(0, D_PAD)
-    is_x = rd[None, :] < D
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    blk = pid
-    while blk < n_blocks:  # persistent loop
-        rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        z0, t = load_input(x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn, D_PAD)
-        u1 = up_sweep(z0, ws, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                      BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        g0 = down_sweep(ones, z0, z0, ws, w1_ptr, wh_ptr, wo_ptr,
-                        ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-                        0, 0, 0, N_HIDDEN, N_HIDDEN + 2,
-                        BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                        False, False, False)
-        p = tl.where(is_x, g0, 0.0)
-        grad_h, lag, _, _ = _hamiltonian_terms(p, q_star, COST)
-        x0 = tl.where(is_x, z0 - t[:, None] * grad_h, 0.0)  # [x0, 0]
-        u0 = up_sweep(x0, ws, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                      BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        tl.store(r_ptr + rows, u1 - t * lag - u0, mask=rows < N)
-        tl.debug_barrier()  # the next block's up sweep overwrites a_k
-        blk += n_programs
+    ws = ws_ptr + pid.to(tl.int64) * ((N_HIDDEN + 6) * BLOCK_M * SLOT_W)
+    blk = block_start + pid  # one row block per program; the launcher loops over chunks
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = stage_rows(ws, Z, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
+                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
+    u1 = up_sweep(ws, Z, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+                  BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    down_sweep(ones, ws, Z, Z, Z + 1, 0, 0, 0, L, L + 2,
+               w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               False, False, False)
+    scale, lag, _ = _hamiltonian_terms(ws, Z + 1, D, q_star, BLOCK_M, BLOCK_D, D_PAD, SLOT_W,
+                                       COST)
+    _stage_foot(ws, Z, Z + 1, Z + 2, D, t, scale, BLOCK_M, BLOCK_D, D_PAD, SLOT_W)
+    u0 = up_sweep(ws, Z + 2, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+                  BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    tl.store(r_ptr + rows, u1 - t * lag - u0, mask=rows < N)
 
 
 @triton.jit
 def _residual_bwd_kernel(
         x_ptr, t_ptr, rbar_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
         gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr, xbar_ptr, tbar_ptr, ws_ptr,
-        N, D, n_programs,
+        N, D, block_start,
         stride_xn, stride_xd, stride_tn,
         q_star,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        N_HIDDEN: tl.constexpr, ACT: tl.constexpr, COST: tl.constexpr,
-        PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr):
     # workspace slots: a_k at (x, t) (0..L-1), g_k at (x, t) (L..2L-1), a_k at (x0, 0) and then
-    # adot_k at (x, t) (2L..3L-1), zbar ping-pong (3L, 3L+1), abar (3L+2)
+    # adot_k at (x, t) (2L..3L-1), zbar ping-pong (3L, 3L+1), abar (3L+2), and per-row input
+    # tiles: [x, t] (Z = 3L+3), [p, du/dt] then the input adjoint at (x, t) (Z+1), [x0, 0] (Z+2),
+    # the input adjoint at (x0, 0) = -rbar [p0, du0/dt] (Z+3), [pbar, 0] (Z+4)
     L = N_HIDDEN
+    Z = 3 * L + 3
     pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 3) * BLOCK_M * H_PAD)
-    rd = tl.arange(0, D_PAD)
-    is_x = rd[None, :] < D
-    n_blocks = tl.cdiv(N, BLOCK_M)
-    blk = pid
-    while blk < n_blocks:
-        rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        z0, t = load_input(x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn, D_PAD)
-        rbar = tl.load(rbar_ptr + rows, mask=row_ok, other=0.0)
-        # (x, t): a_k and g_k kept for the second-order sweep
-        up_sweep(z0, ws, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                 BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-        g0 = down_sweep(ones, z0, z0, ws, w1_ptr, wh_ptr, wo_ptr,
-                        ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-                        0, L, 2 * L, 3 * L, 3 * L + 2,
-                        BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                        True, False, False)
-        p = tl.where(is_x, g0, 0.0)
-        grad_h, lag, scale, inv_n2 = _hamiltonian_terms(p, q_star, COST)
-        x0 = tl.where(is_x, z0 - t[:, None] * grad_h, 0.0)
-        # (x0, 0): first order with ubar = -rbar; its input adjoint is -rbar p0
-        up_sweep(x0, ws, 2 * L, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                 BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        zbar_x0 = down_sweep(-rbar, x0, x0, ws, w1_ptr, wh_ptr, wo_ptr,
-                             gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
-                             2 * L, L, 2 * L, 3 * L, 3 * L + 2,
-                             BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                             False, False, True)
-        rbar_p0 = tl.where(is_x, -zbar_x0, 0.0)
-        # (x, t): pbar = t grad^2 h(p) (rbar p0 - rbar p), tangent sweep, second-order sweep
-        pbar = t[:, None] * _hess_h_vec(p, rbar_p0 - rbar[:, None] * p, scale, inv_n2, q_star,
-                                        COST)
-        tangent_sweep(pbar, ws, 0, 2 * L, w1_ptr, wh_ptr,
-                      BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION)
-        zbar = down_sweep(rbar, z0, pbar, ws, w1_ptr, wh_ptr, wo_ptr,
-                          gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
-                          0, L, 2 * L, 3 * L, 3 * L + 2,
-                          BLOCK_M, BLOCK_H, H_PAD, D_PAD, N_HIDDEN, ACT, PRECISION,
-                          False, True, True)
-        tl.store(xbar_ptr + rows[:, None] * D + rd[None, :], zbar - rbar_p0,
-                 mask=row_ok[:, None] & is_x)
-        tbar = (tl.sum(tl.where(rd[None, :] == D, zbar, 0.0), axis=1)
-                + tl.sum(rbar_p0 * grad_h, axis=1) - rbar * lag)
-        tl.store(tbar_ptr + rows, tbar, mask=row_ok)
-        blk += n_programs
+    ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 8) * BLOCK_M * SLOT_W)
+    blk = block_start + pid  # one row block per program; the launcher loops over chunks
+    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    rbar = tl.load(rbar_ptr + rows, mask=row_ok, other=0.0)
+    t = stage_rows(ws, Z, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
+                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
+    # (x, t): a_k and g_k are kept for the second-order sweep
+    up_sweep(ws, Z, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+             BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    down_sweep(ones, ws, Z, Z, Z + 1, 0, L, 2 * L, 3 * L, 3 * L + 2,
+               w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               True, False, False)
+    scale, lag, inv_n2 = _hamiltonian_terms(ws, Z + 1, D, q_star, BLOCK_M, BLOCK_D, D_PAD,
+                                            SLOT_W, COST)
+    _stage_foot(ws, Z, Z + 1, Z + 2, D, t, scale, BLOCK_M, BLOCK_D, D_PAD, SLOT_W)
+    # (x0, 0): first order with ubar = -rbar; its input adjoint is -rbar [p0, du0/dt]
+    up_sweep(ws, Z + 2, 2 * L, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+             BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    down_sweep(-rbar, ws, Z + 2, Z + 2, Z + 3, 2 * L, L, 2 * L, 3 * L, 3 * L + 2,
+               w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               False, False, True)
+    # pbar = t grad^2 h(p) v with v = rbar (p0 - p): two passes (p . v, then the tile)
+    pv = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p0_grad_h = tl.zeros((BLOCK_M,), dtype=tl.float32)  # rbar p0 . grad h(p)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        is_x = rd[None, :] < D
+        p = tl.where(is_x, tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        pv += tl.sum(p * (rbar_p0 - rbar[:, None] * p), axis=1)
+        p0_grad_h += tl.sum(rbar_p0 * p, axis=1) * scale
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        is_x = rd[None, :] < D
+        p = tl.where(is_x, tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        v = rbar_p0 - rbar[:, None] * p
+        if COST == 1:
+            v += ((q_star - 2.0) * pv * inv_n2)[:, None] * p
+        tl.store(tile(ws, Z + 4, d0, BLOCK_M, BLOCK_D, SLOT_W), (t * scale)[:, None] * v)
+    tl.debug_barrier()
+    # (x, t): tangent sweep from [pbar, 0], second-order sweep for (ubar, pbar) = (rbar, pbar)
+    tangent_sweep(ws, Z + 4, 0, 2 * L, w1_ptr, wh_ptr,
+                  BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    down_sweep(rbar, ws, Z, Z + 4, Z + 1, 0, L, 2 * L, 3 * L, 3 * L + 2,
+               w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               False, True, True)
+    # xbar = zbar[:d] - rbar p0,  tbar = zbar[d] + rbar p0 . grad h(p) - rbar L(p)
+    tbar = p0_grad_h - rbar * lag
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        zbar = tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        zbar_foot = tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        tl.store(xbar_ptr + rows[:, None] * D + rd[None, :], zbar + zbar_foot,
+                 mask=row_ok[:, None] & (rd[None, :] < D))
+        tbar += tl.sum(tl.where(rd[None, :] == D, zbar, 0.0), axis=1)
+    tl.store(tbar_ptr + rows, tbar, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -192,13 +215,13 @@ def residual_forward(packed, layout, cost, x, t):
     r = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return r
-    block_m, programs, warps, ws = launch_config(n, layout, layout.n_hidden + 3, x.device)
-    _residual_fwd_kernel[(programs,)](
-        x, t, *packed, r, ws, n, layout.dim, programs,
-        x.stride(0), x.stride(1), t.stride(0), q_star,
-        BLOCK_M=block_m, BLOCK_H=layout.block_h, H_PAD=layout.h_pad, D_PAD=layout.d_pad,
-        N_HIDDEN=layout.n_hidden, ACT=layout.act, COST=code, PRECISION=dot_precision(),
-        num_warps=warps)
+    block_m, chunks, warps, ws = launch_config(n, layout, layout.n_hidden + 6, x.device)
+    for start, programs in chunks:
+        _residual_fwd_kernel[(programs,)](
+            x, t, *packed, r, ws, n, layout.dim, start,
+            x.stride(0), x.stride(1), t.stride(0), q_star,
+            **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
+            num_warps=warps, num_stages=1)
     return r
 
 
@@ -211,13 +234,13 @@ def residual_backward(packed, layout, cost, x, t, rbar):
     tbar = torch.zeros(n, 1, dtype=torch.float32, device=x.device)
     if n == 0:
         return grads, xbar, tbar
-    block_m, programs, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 3, x.device)
-    _residual_bwd_kernel[(programs,)](
-        x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n, layout.dim,
-        programs, x.stride(0), x.stride(1), t.stride(0), q_star,
-        BLOCK_M=block_m, BLOCK_H=layout.block_h, H_PAD=layout.h_pad, D_PAD=layout.d_pad,
-        N_HIDDEN=layout.n_hidden, ACT=layout.act, COST=code, PRECISION=dot_precision(),
-        num_warps=warps)
+    block_m, chunks, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 8, x.device)
+    for start, programs in chunks:
+        _residual_bwd_kernel[(programs,)](
+            x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n, layout.dim,
+            start, x.stride(0), x.stride(1), t.stride(0), q_star,
+            **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
+            num_warps=warps, num_stages=1)
     return grads, xbar, tbar
 
 

@@ -89,16 +89,14 @@ def _activation(a, ACT: tl.constexpr):
         s = tl.maximum(a, 0.0) + log1p
         d1 = sig
         d2 = sig * one_minus
-    elif ACT == 1:  # tanh(|a|) = (1 - e^2) / (1 + e^2); odd Taylor series near 0 (cancellation)
-        ab = tl.abs(a)
-        e2 = e * e
-        big = (1.0 - e2) / (1.0 + e2)
-        a2 = ab * ab
-        small = ab * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333
-                                                              + a2 * -0.05396825396825397)))
-        th = tl.where(ab < 0.125, small, big)  # series error < 2e-10 relative below 0.125
+    elif ACT == 1:  # tanh(|a|) = -m / (2 + m), m = expm1(-2|a|) by Kahan's exp(y)-1 = (u-1) y / log u
+        y = -2.0 * tl.abs(a)
+        u = tl.exp(y)
+        m = tl.where(u == 1.0, y, (u - 1.0) * (y / tl.log(tl.where(u > 0.0, u, 1.0))))
+        # |a| > 9: 1 - tanh = 2e^-18 < half an fp32 ulp of 1 (and exp(y) nears the denormals)
+        th = tl.where(y < -18.0, 1.0, -m / (2.0 + m))
         s = tl.where(a < 0, -th, th)
-        d1 = 1.0 - s * s
+        d1 = 4.0 * u / ((1.0 + u) * (1.0 + u))  # sech^2 without the cancellation of 1 - tanh^2
         d2 = -2.0 * s * d1
     else:  # silu = a sigmoid(a)
         s = a * sig
@@ -108,117 +106,144 @@ def _activation(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(ws, slot, col0, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-               H_PAD: tl.constexpr):
-    """Pointers of the (BLOCK_M, BLOCK_H) column tile at col0 of workspace slot `slot`."""
-    rm = tl.arange(0, BLOCK_M)
-    rh = col0 + tl.arange(0, BLOCK_H)
-    return ws + slot * (BLOCK_M * H_PAD) + rm[:, None] * H_PAD + rh[None, :]
+def tile(ws, slot, col0, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLOT_W: tl.constexpr):
+    """Pointers of the (BLOCK_M, WIDTH) column tile at col0 of workspace slot `slot`; every
+    slot is a (BLOCK_M, SLOT_W) row-major fp32 tile."""
+    # scalar base + one offset tile shared by every call (CSE): no per-call pointer tiles to
+    # keep alive in registers
+    offs = tl.arange(0, BLOCK_M)[:, None] * SLOT_W + tl.arange(0, WIDTH)[None, :]
+    return (ws + (slot * (BLOCK_M * SLOT_W) + col0)) + offs
 
 
 @triton.jit
-def _tile_ptrs_t(ws, slot, col0, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                 H_PAD: tl.constexpr):
-    """Pointers of the same tile transposed, (BLOCK_H, BLOCK_M): the A operand of dW GEMMs."""
-    rm = tl.arange(0, BLOCK_M)
-    rh = col0 + tl.arange(0, BLOCK_H)
-    return ws + slot * (BLOCK_M * H_PAD) + rm[None, :] * H_PAD + rh[:, None]
+def _tile_t(ws, slot, col0, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLOT_W: tl.constexpr):
+    """The same tile transposed, (WIDTH, BLOCK_M): the A operand of the weight-gradient dots."""
+    offs = tl.arange(0, BLOCK_M)[None, :] * SLOT_W + tl.arange(0, WIDTH)[:, None]
+    return (ws + (slot * (BLOCK_M * SLOT_W) + col0)) + offs
 
 
 @triton.jit
-def load_input(x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn, D_PAD: tl.constexpr):
-    """z = [x, t] zero-padded to (BLOCK_M, D_PAD) (rows >= N are zero); rows are int64."""
-    rd = tl.arange(0, D_PAD)
+def _weight_tile(w_ptr, r0, c0, LD: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                 TRANS: tl.constexpr):
+    """Pointers of W[r0:r0+ROWS, c0:c0+COLS] of a row-major matrix with row length LD, or of
+    its transpose (COLS, ROWS) with TRANS."""
+    if TRANS:
+        offs = tl.arange(0, ROWS)[None, :] * LD + tl.arange(0, COLS)[:, None]
+    else:
+        offs = tl.arange(0, ROWS)[:, None] * LD + tl.arange(0, COLS)[None, :]
+    return (w_ptr + (r0 * LD + c0)) + offs
+
+
+@triton.jit
+def stage_rows(ws, slot, src_ptr, t_ptr, rows, N, D, stride_n, stride_d, stride_tn,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
+               SLOT_W: tl.constexpr, WITH_T: tl.constexpr):
+    """Copy rows of src (N, D) into slot as [src, t] (WITH_T) or [src, 0], zero-padded to D_PAD;
+    rows >= N are zero. Returns t (BLOCK_M,) (zeros without WITH_T)."""
     row_ok = rows < N
-    x = tl.load(x_ptr + rows[:, None] * stride_xn + rd[None, :] * stride_xd,
-                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)
-    t = tl.load(t_ptr + rows * stride_tn, mask=row_ok, other=0.0)
-    return x + tl.where(rd[None, :] == D, t[:, None], 0.0), t
+    if WITH_T:
+        t = tl.load(t_ptr + rows * stride_tn, mask=row_ok, other=0.0)
+    else:
+        t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(src_ptr + rows[:, None] * stride_n + rd[None, :] * stride_d,
+                    mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)
+        v += tl.where(rd[None, :] == D, t[:, None], 0.0)
+        tl.store(tile(ws, slot, d0, BLOCK_M, BLOCK_D, SLOT_W), v)
+    tl.debug_barrier()
+    return t
 
 
 @triton.jit
-def up_sweep(z0, ws, A0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr,
-             D_PAD: tl.constexpr, N_HIDDEN: tl.constexpr, ACT: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Store a_k in slots A0 + k; return u (BLOCK_M,)."""
+def up_sweep(ws, Z, A0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+             H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr,
+             N_HIDDEN: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
+    """a_k = W_k z_{k-1} + b_k into slots A0 + k, from the input [x, t] in slot Z; returns u."""
     rh = tl.arange(0, BLOCK_H)
-    rd = tl.arange(0, D_PAD)
     for n0 in range(0, H_PAD, BLOCK_H):
-        w1t = tl.load(w1_ptr + (n0 + rh)[None, :] * D_PAD + rd[:, None])   # W_0[n0:, :]^T
-        a = tl.dot(z0, w1t, input_precision=PRECISION) + tl.load(b_ptr + n0 + rh)[None, :]
-        tl.store(_tile_ptrs(ws, A0, n0, BLOCK_M, BLOCK_H, H_PAD), a)
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for d0 in range(0, D_PAD, BLOCK_D):
+            z = tl.load(tile(ws, Z, d0, BLOCK_M, BLOCK_D, SLOT_W))
+            w1t = tl.load(_weight_tile(w1_ptr, n0, d0, D_PAD, BLOCK_H, BLOCK_D, True))
+            acc += tl.dot(z, w1t, input_precision=PRECISION)
+        acc += tl.load(b_ptr + n0 + rh)[None, :]
+        tl.store(tile(ws, A0, n0, BLOCK_M, BLOCK_H, SLOT_W), acc)
     tl.debug_barrier()
     for k in range(1, N_HIDDEN):
         w_k = wh_ptr + (k - 1) * (H_PAD * H_PAD)
         for n0 in range(0, H_PAD, BLOCK_H):
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             for j0 in range(0, H_PAD, BLOCK_H):
-                a_in = tl.load(_tile_ptrs(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, H_PAD))
-                z, _, _ = _activation(a_in, ACT)
-                wt = tl.load(w_k + (n0 + rh)[None, :] * H_PAD + (j0 + rh)[:, None])
+                z, _, _ = _activation(tl.load(tile(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W)),
+                                      ACT)
+                wt = tl.load(_weight_tile(w_k, n0, j0, H_PAD, BLOCK_H, BLOCK_H, True))
                 acc += tl.dot(z, wt, input_precision=PRECISION)
             acc += tl.load(b_ptr + k * H_PAD + n0 + rh)[None, :]
-            tl.store(_tile_ptrs(ws, A0 + k, n0, BLOCK_M, BLOCK_H, H_PAD), acc)
+            tl.store(tile(ws, A0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W), acc)
         tl.debug_barrier()
     u = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, H_PAD, BLOCK_H):
-        z, _, _ = _activation(tl.load(_tile_ptrs(ws, A0 + N_HIDDEN - 1, j0, BLOCK_M, BLOCK_H,
-                                                 H_PAD)), ACT)
+        z, _, _ = _activation(tl.load(tile(ws, A0 + N_HIDDEN - 1, j0, BLOCK_M, BLOCK_H, SLOT_W)),
+                              ACT)
         u += tl.sum(z * tl.load(wo_ptr + j0 + rh)[None, :], axis=1)
     return u + tl.load(c_ptr)
 
 
 @triton.jit
-def tangent_sweep(zdot0, ws, A0, T0, w1_ptr, wh_ptr,
-                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr,
-                  D_PAD: tl.constexpr, N_HIDDEN: tl.constexpr, ACT: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Store adot_k in slots T0 + k (needs a_k in slots A0 + k)."""
+def tangent_sweep(ws, ZD, A0, T0, w1_ptr, wh_ptr,
+                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                  H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr,
+                  N_HIDDEN: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
+    """adot_k into slots T0 + k from zdot_{-1} in slot ZD (needs a_k in slots A0 + k)."""
     rh = tl.arange(0, BLOCK_H)
-    rd = tl.arange(0, D_PAD)
     for n0 in range(0, H_PAD, BLOCK_H):
-        w1t = tl.load(w1_ptr + (n0 + rh)[None, :] * D_PAD + rd[:, None])
-        tl.store(_tile_ptrs(ws, T0, n0, BLOCK_M, BLOCK_H, H_PAD),
-                 tl.dot(zdot0, w1t, input_precision=PRECISION))
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for d0 in range(0, D_PAD, BLOCK_D):
+            zdot = tl.load(tile(ws, ZD, d0, BLOCK_M, BLOCK_D, SLOT_W))
+            w1t = tl.load(_weight_tile(w1_ptr, n0, d0, D_PAD, BLOCK_H, BLOCK_D, True))
+            acc += tl.dot(zdot, w1t, input_precision=PRECISION)
+        tl.store(tile(ws, T0, n0, BLOCK_M, BLOCK_H, SLOT_W), acc)
     tl.debug_barrier()
     for k in range(1, N_HIDDEN):
         w_k = wh_ptr + (k - 1) * (H_PAD * H_PAD)
         for n0 in range(0, H_PAD, BLOCK_H):
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             for j0 in range(0, H_PAD, BLOCK_H):
-                _, d1, _ = _activation(tl.load(_tile_ptrs(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H,
-                                                          H_PAD)), ACT)
-                zdot = d1 * tl.load(_tile_ptrs(ws, T0 + k - 1, j0, BLOCK_M, BLOCK_H, H_PAD))
-                wt = tl.load(w_k + (n0 + rh)[None, :] * H_PAD + (j0 + rh)[:, None])
+                _, d1, _ = _activation(tl.load(tile(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W)),
+                                       ACT)
+                zdot = d1 * tl.load(tile(ws, T0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W))
+                wt = tl.load(_weight_tile(w_k, n0, j0, H_PAD, BLOCK_H, BLOCK_H, True))
                 acc += tl.dot(zdot, wt, input_precision=PRECISION)
-            tl.store(_tile_ptrs(ws, T0 + k, n0, BLOCK_M, BLOCK_H, H_PAD), acc)
+            tl.store(tile(ws, T0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W), acc)
         tl.debug_barrier()
 
 
 @triton.jit
 def _adjoint_preactivation(ws, k, zb_slot, gb_ptr, A0, G0, T0, AB,
                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr,
-                           ACT: tl.constexpr, SECOND: tl.constexpr, ACCUM: tl.constexpr):
-    """abar_k = zbar_k s'(a_k) [+ g_k s''(a_k) adot_k] into slot AB; db_k += column sums."""
+                           SLOT_W: tl.constexpr, ACT: tl.constexpr, SECOND: tl.constexpr,
+                           ACCUM: tl.constexpr):
+    """abar_k = zbar_k s'(a_k) [+ g_k s''(a_k) adot_k] into slot AB; db_k += its column sums."""
     rh = tl.arange(0, BLOCK_H)
     for n0 in range(0, H_PAD, BLOCK_H):
-        _, d1, d2 = _activation(tl.load(_tile_ptrs(ws, A0 + k, n0, BLOCK_M, BLOCK_H, H_PAD)), ACT)
-        abar = tl.load(_tile_ptrs(ws, zb_slot, n0, BLOCK_M, BLOCK_H, H_PAD)) * d1
+        _, d1, d2 = _activation(tl.load(tile(ws, A0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
+        abar = tl.load(tile(ws, zb_slot, n0, BLOCK_M, BLOCK_H, SLOT_W)) * d1
         if SECOND:
-            abar += (tl.load(_tile_ptrs(ws, G0 + k, n0, BLOCK_M, BLOCK_H, H_PAD)) * d2
-                     * tl.load(_tile_ptrs(ws, T0 + k, n0, BLOCK_M, BLOCK_H, H_PAD)))
-        tl.store(_tile_ptrs(ws, AB, n0, BLOCK_M, BLOCK_H, H_PAD), abar)
+            abar += (tl.load(tile(ws, G0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)) * d2
+                     * tl.load(tile(ws, T0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)))
+        tl.store(tile(ws, AB, n0, BLOCK_M, BLOCK_H, SLOT_W), abar)
         if ACCUM:
             tl.atomic_add(gb_ptr + k * H_PAD + n0 + rh, tl.sum(abar, axis=0))
 
 
 @triton.jit
 def _delta_t(ws, k, i0, A0, G0, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-             H_PAD: tl.constexpr, ACT: tl.constexpr):
+             SLOT_W: tl.constexpr, ACT: tl.constexpr):
     """delta_k^T = (g_k s'(a_k))^T for columns i0: (BLOCK_H, BLOCK_M)."""
-    _, d1, _ = _activation(tl.load(_tile_ptrs_t(ws, A0 + k, i0, BLOCK_M, BLOCK_H, H_PAD)), ACT)
-    return tl.load(_tile_ptrs_t(ws, G0 + k, i0, BLOCK_M, BLOCK_H, H_PAD)) * d1
+    _, d1, _ = _activation(tl.load(tile(ws, A0 + k, i0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
+    return tl.trans(tl.load(tile(ws, G0 + k, i0, BLOCK_M, BLOCK_H, SLOT_W)) * d1)
 
 
 @triton.jit
@@ -232,30 +257,28 @@ def _zbar_slot(k, G0, ZB0, STORE_G: tl.constexpr):
 
 
 @triton.jit
-def down_sweep(ubar, z0, zdot0, ws, w1_ptr, wh_ptr, wo_ptr,
-               gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
-               A0, G0, T0, ZB0, AB,
-               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr,
-               D_PAD: tl.constexpr, N_HIDDEN: tl.constexpr, ACT: tl.constexpr,
-               PRECISION: tl.constexpr, STORE_G: tl.constexpr, SECOND: tl.constexpr,
-               ACCUM: tl.constexpr):
-    """Reverse sweep for the cotangent ubar (BLOCK_M,) (and the tangent in slots T0, SECOND);
-    returns zbar of the input [x, t], (BLOCK_M, D_PAD). STORE_G keeps zbar_k in slots G0 + k;
-    ACCUM adds the parameter gradients into gw1/gwh/gb/gwo/gc (fp32 atomics)."""
+def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
+               w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
+               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+               H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr,
+               N_HIDDEN: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+               STORE_G: tl.constexpr, SECOND: tl.constexpr, ACCUM: tl.constexpr):
+    """Reverse sweep for the cotangent ubar (BLOCK_M,) [and the tangent adot_k in slots T0 + k,
+    zdot_{-1} in slot ZD, g_k in slots G0 + k: SECOND]; writes the adjoint of the input [x, t]
+    into slot ZBAR. STORE_G keeps zbar_k in slots G0 + k (the input-gradient sweep, ubar = 1);
+    ACCUM adds the parameter gradients into gw1/gwh/gb/gwo/gc with fp32 atomics."""
     rh = tl.arange(0, BLOCK_H)
-    rd = tl.arange(0, D_PAD)
     top = N_HIDDEN - 1
     # the output layer: zbar_{L-1} = ubar w, dw += ubar z_{L-1} [+ zdot_{L-1}], dc += ubar
     for n0 in range(0, H_PAD, BLOCK_H):
         wo = tl.load(wo_ptr + n0 + rh)
-        tl.store(_tile_ptrs(ws, _zbar_slot(top, G0, ZB0, STORE_G), n0, BLOCK_M, BLOCK_H, H_PAD),
+        tl.store(tile(ws, _zbar_slot(top, G0, ZB0, STORE_G), n0, BLOCK_M, BLOCK_H, SLOT_W),
                  ubar[:, None] * wo[None, :])
         if ACCUM:
-            z, d1, _ = _activation(tl.load(_tile_ptrs(ws, A0 + top, n0, BLOCK_M, BLOCK_H, H_PAD)),
-                                   ACT)
+            z, d1, _ = _activation(tl.load(tile(ws, A0 + top, n0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
             gwo = tl.sum(ubar[:, None] * z, axis=0)
             if SECOND:
-                gwo += tl.sum(d1 * tl.load(_tile_ptrs(ws, T0 + top, n0, BLOCK_M, BLOCK_H, H_PAD)),
+                gwo += tl.sum(d1 * tl.load(tile(ws, T0 + top, n0, BLOCK_M, BLOCK_H, SLOT_W)),
                               axis=0)
             tl.atomic_add(gwo_ptr + n0 + rh, gwo)
     if ACCUM:
@@ -265,51 +288,55 @@ def down_sweep(ubar, z0, zdot0, ws, w1_ptr, wh_ptr, wo_ptr,
     for kk in range(0, N_HIDDEN - 1):
         k = top - kk
         _adjoint_preactivation(ws, k, _zbar_slot(k, G0, ZB0, STORE_G), gb_ptr, A0, G0, T0, AB,
-                               BLOCK_M, BLOCK_H, H_PAD, ACT, SECOND, ACCUM)
+                               BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM)
         tl.debug_barrier()
         w_k = wh_ptr + (k - 1) * (H_PAD * H_PAD)
         if ACCUM:  # dW_k += abar_k^T z_{k-1} [+ delta_k^T zdot_{k-1}]
             gw_k = gwh_ptr + (k - 1) * (H_PAD * H_PAD)
             for i0 in range(0, H_PAD, BLOCK_H):
-                abar_t = tl.load(_tile_ptrs_t(ws, AB, i0, BLOCK_M, BLOCK_H, H_PAD))
-                if SECOND:
-                    delta_t = _delta_t(ws, k, i0, A0, G0, BLOCK_M, BLOCK_H, H_PAD, ACT)
                 for j0 in range(0, H_PAD, BLOCK_H):
                     z, d1, _ = _activation(
-                        tl.load(_tile_ptrs(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, H_PAD)), ACT)
-                    acc = tl.dot(abar_t, z, input_precision=PRECISION)
+                        tl.load(tile(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
+                    acc = tl.dot(tl.trans(tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))), z,
+                                 input_precision=PRECISION)
                     if SECOND:
-                        zdot = d1 * tl.load(_tile_ptrs(ws, T0 + k - 1, j0, BLOCK_M, BLOCK_H, H_PAD))
-                        acc += tl.dot(delta_t, zdot, input_precision=PRECISION)
-                    tl.atomic_add(gw_k + (i0 + rh)[:, None] * H_PAD + (j0 + rh)[None, :], acc)
+                        zdot = d1 * tl.load(tile(ws, T0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W))
+                        acc += tl.dot(_delta_t(ws, k, i0, A0, G0, BLOCK_M, BLOCK_H, SLOT_W, ACT),
+                                      zdot, input_precision=PRECISION)
+                    tl.atomic_add(_weight_tile(gw_k, i0, j0, H_PAD, BLOCK_H, BLOCK_H, False), acc)
         # zbar_{k-1} = abar_k W_k
         for j0 in range(0, H_PAD, BLOCK_H):
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             for i0 in range(0, H_PAD, BLOCK_H):
-                abar = tl.load(_tile_ptrs(ws, AB, i0, BLOCK_M, BLOCK_H, H_PAD))
-                w = tl.load(w_k + (i0 + rh)[:, None] * H_PAD + (j0 + rh)[None, :])
+                abar = tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))
+                w = tl.load(_weight_tile(w_k, i0, j0, H_PAD, BLOCK_H, BLOCK_H, False))
                 acc += tl.dot(abar, w, input_precision=PRECISION)
-            tl.store(_tile_ptrs(ws, _zbar_slot(k - 1, G0, ZB0, STORE_G), j0, BLOCK_M, BLOCK_H,
-                                H_PAD), acc)
+            tl.store(tile(ws, _zbar_slot(k - 1, G0, ZB0, STORE_G), j0, BLOCK_M, BLOCK_H, SLOT_W),
+                     acc)
         tl.debug_barrier()
-    # the input layer k = 0: its input [x, t] (and tangent [pbar, 0]) are register tiles
+    # the input layer k = 0, whose input [x, t] (tangent [pbar, 0]) is in slot Z (ZD)
     _adjoint_preactivation(ws, 0, _zbar_slot(0, G0, ZB0, STORE_G), gb_ptr, A0, G0, T0, AB,
-                           BLOCK_M, BLOCK_H, H_PAD, ACT, SECOND, ACCUM)
+                           BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM)
     tl.debug_barrier()
-    zbar0 = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    for i0 in range(0, H_PAD, BLOCK_H):
-        if ACCUM:
-            abar_t = tl.load(_tile_ptrs_t(ws, AB, i0, BLOCK_M, BLOCK_H, H_PAD))
-            acc = tl.dot(abar_t, z0, input_precision=PRECISION)
-            if SECOND:
-                delta_t = _delta_t(ws, 0, i0, A0, G0, BLOCK_M, BLOCK_H, H_PAD, ACT)
-                acc += tl.dot(delta_t, zdot0, input_precision=PRECISION)
-            tl.atomic_add(gw1_ptr + (i0 + rh)[:, None] * D_PAD + rd[None, :], acc)
-        abar = tl.load(_tile_ptrs(ws, AB, i0, BLOCK_M, BLOCK_H, H_PAD))
-        w1 = tl.load(w1_ptr + (i0 + rh)[:, None] * D_PAD + rd[None, :])
-        zbar0 += tl.dot(abar, w1, input_precision=PRECISION)
-    tl.debug_barrier()  # the caller's next phase may overwrite AB
-    return zbar0
+    if ACCUM:
+        for i0 in range(0, H_PAD, BLOCK_H):
+            for d0 in range(0, D_PAD, BLOCK_D):
+                acc = tl.dot(tl.trans(tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))),
+                             tl.load(tile(ws, Z, d0, BLOCK_M, BLOCK_D, SLOT_W)),
+                             input_precision=PRECISION)
+                if SECOND:
+                    acc += tl.dot(_delta_t(ws, 0, i0, A0, G0, BLOCK_M, BLOCK_H, SLOT_W, ACT),
+                                  tl.load(tile(ws, ZD, d0, BLOCK_M, BLOCK_D, SLOT_W)),
+                                  input_precision=PRECISION)
+                tl.atomic_add(_weight_tile(gw1_ptr, i0, d0, D_PAD, BLOCK_H, BLOCK_D, False), acc)
+    for d0 in range(0, D_PAD, BLOCK_D):
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for i0 in range(0, H_PAD, BLOCK_H):
+            abar = tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))
+            w1 = tl.load(_weight_tile(w1_ptr, i0, d0, D_PAD, BLOCK_H, BLOCK_D, False))
+            acc += tl.dot(abar, w1, input_precision=PRECISION)
+        tl.store(tile(ws, ZBAR, d0, BLOCK_M, BLOCK_D, SLOT_W), acc)
+    tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------- host side
@@ -322,6 +349,8 @@ class MLPLayout(NamedTuple):
     h_pad: int                # hidden widths padded to a multiple of block_h
     d_pad: int                # d + 1 padded to a power of two >= 16
     block_h: int              # tile width of every hidden-layer GEMM
+    block_d: int              # tile width over the input columns [x, t]
+    slot_w: int               # row length of a workspace slot: max(h_pad, d_pad)
     act: int                  # ACTIVATION_CODES value
 
 
@@ -371,12 +400,14 @@ def mlp_layout(params, act: str, x: torch.Tensor, t: torch.Tensor) -> MLPLayout:
     if max(widths) > MAX_WIDTH:
         raise _fallback(f"the triton kernels support hidden widths <= {MAX_WIDTH}, "
                         f"got {max(widths)}")
-    # tiles of 64 columns: 64x64 fp32 weight tiles are 16 KB, a dot shape wgmma runs at full
-    # rate; narrower networks use one power-of-two tile >= 16 (the minimum tl.dot dimension)
-    block_h = min(64, max(16, _next_pow2(max(widths))))
+    # 32-column tiles: with tf32x3 every dot operand is split into hi/lo halves in registers,
+    # and 64-column tiles spilled on sm_90a (tests/test_sm90_compile.py); networks of width
+    # <= 16 use 16 (the minimum tl.dot dimension)
+    block_h = 16 if max(widths) <= 16 else 32
     h_pad = -(-max(widths) // block_h) * block_h
-    return MLPLayout(d, widths, len(widths), h_pad, max(16, _next_pow2(d + 1)), block_h,
-                     ACTIVATION_CODES[act])
+    d_pad = max(16, _next_pow2(d + 1))
+    return MLPLayout(d, widths, len(widths), h_pad, d_pad, block_h, min(d_pad, 32),
+                     max(h_pad, d_pad), ACTIVATION_CODES[act])
 
 
 def pack_params(params, layout: MLPLayout):
@@ -415,6 +446,13 @@ def unpack_grads(grads, layout: MLPLayout):
     return out
 
 
+def block_constexprs(block_m: int, layout: MLPLayout) -> dict:
+    """The tile-shape constexprs every MLP kernel takes."""
+    return dict(BLOCK_M=block_m, BLOCK_H=layout.block_h, BLOCK_D=layout.block_d,
+                H_PAD=layout.h_pad, D_PAD=layout.d_pad, SLOT_W=layout.slot_w,
+                N_HIDDEN=layout.n_hidden, ACT=layout.act)
+
+
 def zeros_like_packed(packed):
     return tuple(torch.zeros_like(p) for p in packed)
 
@@ -423,13 +461,18 @@ _SM_COUNT: dict = {}
 
 
 def launch_config(n_rows: int, layout: MLPLayout, n_slots: int, device: torch.device):
-    """(BLOCK_M, number of programs, num_warps, workspace) for one launch.
+    """(BLOCK_M, chunks, num_warps, workspace) for one kernel call; ``n_slots`` is the kernel's
+    count of (BLOCK_M, slot_w) workspace tiles per program, ``chunks`` the launches as
+    (first row block, number of programs) pairs.
 
     BLOCK_M = 64: the M of one Hopper warpgroup MMA (wgmma m64nNk8) and >= 16 as the K of the
-    weight-gradient dots. Programs: a persistent grid of 2 per SM (two CTAs hide each other's
-    barriers), so the workspace is sized by the GPU, not by N; under the interpreter 2 programs,
-    which still exercises the persistent loop. No autotuning: the backward kernels accumulate
-    into their outputs with atomics, which autotune's repeated launches would double-count.
+    weight-gradient dots. Each program handles one row block; a launch has at most 2 programs
+    per SM (so at most that many workspaces are live) and the launcher loops over launches.
+    That loop replaces a persistent in-kernel loop, across which the compiler hoisted every
+    workspace pointer tile and spilled. Under the interpreter 2 programs per launch, which
+    still exercises several launches sharing one workspace. No autotuning: the backward
+    kernels accumulate into their outputs with atomics, which autotune's repeated launches
+    would double-count.
     """
     block_m = 64
     n_blocks = max(1, -(-n_rows // block_m))
@@ -440,6 +483,7 @@ def launch_config(n_rows: int, layout: MLPLayout, n_slots: int, device: torch.de
     else:
         cap = 2
     programs = min(n_blocks, cap)
-    workspace = torch.empty(programs * n_slots * block_m * layout.h_pad, dtype=torch.float32,
+    workspace = torch.empty(programs * n_slots * block_m * layout.slot_w, dtype=torch.float32,
                             device=device)
-    return block_m, programs, 4, workspace
+    chunks = [(start, min(programs, n_blocks - start)) for start in range(0, n_blocks, programs)]
+    return block_m, chunks, 4, workspace
