@@ -1,0 +1,142 @@
+"""Benchmarks of the fused potential ops per backend: hj_residual forward + backward, transport,
+and one full training step (L_HJ + lambda L_MMD, Adam).
+
+    pytest benchmarks/bench_residual.py --benchmark-only                  # small CPU default
+    NCF_BENCH_FULL=1 pytest benchmarks/bench_residual.py --benchmark-only # issue shapes
+    NCF_BENCH_SHAPES=16x128x65536 pytest benchmarks/bench_residual.py ... # chosen d x w x batch
+
+Shapes: d in {2, 16, 64} x width in {64, 128, 256} (depth 3, softplus) x batch in {4096, 65536}
+with NCF_BENCH_FULL=1; otherwise d = 16, width 128, batch 4096 (the issue's CPU target shape:
+torch >= 1.5x reference for hj_residual forward + backward). Backends: reference, torch, and
+triton on CUDA (the interpreter is not a benchmark). Every timed call on CUDA ends with
+torch.cuda.synchronize(); warm-up rounds run before timing (JIT compile excluded). extra_info
+records the device, dtype, versions, peak memory (CUDA) and the achieved TFLOP/s of the GEMMs.
+Ratios against reference: pytest-benchmark's --benchmark-group-by=param:shape table, or the
+summary printed by benchmarks/gpu_check.sh.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+import ncf_fast
+from ncf_fast import NCF, PotentialMLP, costs
+from ncf_fast.losses import hj_residual
+
+pytest.importorskip("pytest_benchmark")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("NCF_BENCH_FULL") == "1"
+SHAPES = ([(d, w, n) for d in (2, 16, 64) for w in (64, 128, 256) for n in (4096, 65536)]
+          if FULL else [(16, 128, 4096)])
+if os.environ.get("NCF_BENCH_SHAPES"):  # e.g. "16x128x65536,64x256x65536" (gpu_check.sh)
+    SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["NCF_BENCH_SHAPES"].split(",")]
+BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def setup_model(d, width, backend, seed=0):
+    """The same factory as tests/test_kernels_mlp.py uses: a 3 x width softplus PotentialMLP."""
+    torch.manual_seed(seed)
+    model = PotentialMLP(d, (width,) * 3, "softplus", backend=backend).to(DEVICE)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return model, g
+
+
+def _gemm_flops(d, width, n, passes):
+    """FLOPs of the hidden-layer GEMMs: ``passes`` sweeps of (d+1)w + 2w^2 multiply-adds per row."""
+    return 2.0 * n * passes * ((d + 1) * width + 2 * width * width)
+
+
+def _record(benchmark, backend, d, width, n, flops):
+    info = benchmark.extra_info
+    info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
+                or "cpu", dtype="float32", torch=torch.__version__, ncf_fast=ncf_fast.__version__,
+                backend=backend, shape=f"d={d},w={width},n={n}")
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if DEVICE == "cuda":
+        info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        info["peak_mem_bytes_per_sample"] = torch.cuda.max_memory_allocated() / n
+    if benchmark.stats is not None and flops:
+        info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
+
+
+def _ids(shape):
+    return "d{}-w{}-n{}".format(*shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_hj_residual_forward_backward(benchmark, backend, shape):
+    d, width, n = shape
+    model, g = setup_model(d, width, backend)
+    x = torch.randn(n, d, generator=g).to(DEVICE)
+    t = torch.rand(n, 1, generator=g).to(DEVICE)
+    cost = costs.Quadratic()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        r = hj_residual(model, x, t, cost)
+        (r * r).mean().backward()
+        _sync()
+
+    for _ in range(2):  # warm-up: JIT compile, allocator
+        step()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=5 if n <= 4096 else 3, iterations=1, warmup_rounds=1)
+    # forward: 3 sweeps (u, grad, u0); backward ~ 3x the forward: ~12 GEMM sweeps per row
+    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 12))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_transport(benchmark, backend, shape):
+    d, width, n = shape
+    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0, backend=backend)
+    torch.nn.init.normal_(ncf.model.layers[-1].weight, std=0.1)
+    x = torch.randn(n, d).to(DEVICE)
+
+    def run():
+        ncf.transport(x)
+        _sync()
+
+    run()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(run, rounds=5 if n <= 4096 else 3, iterations=1, warmup_rounds=1)
+    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_train_step(benchmark, backend, shape):
+    d, width, n = shape
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(8192, d, generator=g)
+    target = torch.randn(8192, d, generator=g) * 1.3 + 0.5
+    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0, backend=backend)
+    config = ncf_fast.TrainConfig(steps=10**6, batch_size=n, mmd_batch_size=1024, mmd_active=256)
+    trainer = ncf.make_trainer(source.numpy(), target.numpy(), config)
+
+    def step():
+        trainer.step()
+        _sync()
+
+    for _ in range(2):
+        step()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=5 if n <= 4096 else 3, iterations=1, warmup_rounds=1)
+    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 12))
