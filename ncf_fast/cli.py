@@ -41,7 +41,7 @@ __all__ = ["main", "CLIError"]
 EXIT_USAGE = 2          # bad input: one line on stderr, nothing written
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: checkpoint saved, resume later (128 + SIGINT)
 SUBCOMMANDS = ("train", "transport", "demo", "evaluate")
-DEMO_PROBLEM = "moons:8gaussians"
+DEMO_PROBLEM = "gaussian:circles"
 DEMO_SAMPLES = 10_000      # samples per side the demo draws
 METRIC_SAMPLES = 2_000     # rows used for the energy distances in metrics.json (O(n^2) cost)
 LOG_COLUMNS = ("step", "L_HJ", "L_MMD", "lr", "seconds")
@@ -453,7 +453,7 @@ def _truncate_log(path: str, step: int):
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    keep = [list(LOG_COLUMNS)] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(keep)
     _write_text(path, buf.getvalue())
@@ -636,7 +636,9 @@ def _parse_problem(spec: str) -> _Problem:
         try:
             gauss = problems.GaussianOT.from_npz(text, seed=0)
         except (ValueError, OSError, KeyError) as exc:
-            raise CLIError(f"{text}: not a usable Gaussian problem ({_first_line(exc)})") from None
+            msg = _first_line(exc)
+            raise CLIError(msg if msg.startswith(text) else f"{text}: not a usable Gaussian "
+                           f"problem ({msg})") from None
         except Exception as exc:  # zipfile.BadZipFile and friends
             raise CLIError(f"{text}: not a valid .npz file ({_first_line(exc)})") from None
         return _gaussian_problem(text, gauss)

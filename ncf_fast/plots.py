@@ -81,11 +81,13 @@ def _pick(n, k, rng):
     return np.sort(rng.choice(n, size=min(n, k), replace=False))
 
 
-def map_figure(start, end, other, *, names, title="", max_points=1500, seed=0):
+def map_figure(start, end, other, *, names, flow_label="characteristic", title="",
+               max_points=1500, seed=0):
     """Two panels: the characteristics start -> end over ``other``; end vs other.
 
     start (N, d), end (N, d): points and their images; other (M, d): the samples the images
-    should match. names = (start, end, other) legend names. Returns the Figure."""
+    should match. names = (start, end, other) legend names; flow_label names the segments.
+    Returns the Figure."""
     from matplotlib.collections import LineCollection
 
     rng = np.random.default_rng(seed)
@@ -103,18 +105,17 @@ def map_figure(start, end, other, *, names, title="", max_points=1500, seed=0):
                           np.stack([e[:, 0], np.ones(len(e))], 1)], 1)
         k = _pick(len(lines), LINES_DRAWN, rng)
         ax_flow.add_collection(LineCollection(lines[k], colors=LINE, linewidths=0.4, alpha=0.35))
-        ax_flow.scatter(s[:, 0], np.zeros(len(s)), c=src_color, alpha=0.5, label=names[0], **dot)
-        ax_flow.scatter(e[:, 0], np.ones(len(e)), c=MAPPED, alpha=0.5, label=names[1], **dot)
+        ax_flow.scatter(s[:, 0], np.zeros(len(s)), c=src_color, alpha=0.5, **dot)
+        ax_flow.scatter(e[:, 0], np.ones(len(e)), c=MAPPED, alpha=0.5, **dot)
         lo, hi = _limits(s, e, o)
         ax_flow.set(xlim=(lo[0], hi[0]), ylim=(-0.05, 1.05), xlabel="$x$", ylabel="$t / t_f$",
                     title="Straight characteristics $x(t)$")
         bins = np.linspace(lo[0], hi[0], 60)
-        ax_match.hist(o[:, 0], bins=bins, density=True, color=dst_color, alpha=0.45, label=names[2])
-        ax_match.hist(e[:, 0], bins=bins, density=True, histtype="step", color=MAPPED, lw=1.4,
-                      label=names[1])
+        ax_match.hist(o[:, 0], bins=bins, density=True, color=dst_color, alpha=0.45)
+        ax_match.hist(e[:, 0], bins=bins, density=True, histtype="step", color=MAPPED, lw=1.4)
         ax_match.set(xlabel="$x$", ylabel="density", title=f"{names[1]} vs {names[2]}")
-        ax_match.legend(loc="upper right")
-        ax_flow.legend(loc="upper right", markerscale=3)
+        _legend_below(fig, [(names[0], src_color, "o"), (names[2], dst_color, "o"),
+                            (names[1], MAPPED, "o"), (flow_label, LINE, "-")])
         if title:
             fig.suptitle(title, fontsize=10)
         return fig
@@ -122,23 +123,33 @@ def map_figure(start, end, other, *, names, title="", max_points=1500, seed=0):
     proj = _Projection(np.concatenate([start, other]))
     ps, pe, po = proj(s), proj(e), proj(o)
     lo, hi = _limits(ps, pe, po)
-    ax_flow.scatter(*po.T, c=dst_color, alpha=0.22, label=names[2], **dot)
-    ax_flow.scatter(*ps.T, c=src_color, alpha=0.35, label=names[0], **dot)
+    ax_flow.scatter(*po.T, c=dst_color, alpha=0.22, **dot)
+    ax_flow.scatter(*ps.T, c=src_color, alpha=0.35, **dot)
     k = _pick(len(ps), LINES_DRAWN, rng)
     ax_flow.add_collection(LineCollection(np.stack([ps[k], pe[k]], 1), colors=LINE,
-                                          linewidths=0.45, alpha=0.45, label="characteristic"))
-    ax_flow.scatter(*pe[k].T, c=MAPPED, s=6, linewidths=0, zorder=3, label=names[1])
-    ax_flow.set_title("Characteristics " + ("(projection)" if d > 2 else ""))
-    ax_match.scatter(*po.T, c=dst_color, alpha=0.35, label=names[2], **dot)
-    ax_match.scatter(*pe.T, c=MAPPED, alpha=0.35, label=names[1], **dot)
+                                          linewidths=0.45, alpha=0.45))
+    ax_flow.scatter(*pe[k].T, c=MAPPED, s=6, linewidths=0, zorder=3)
+    ax_flow.set_title("Straight characteristics" + (" (projection)" if d > 2 else ""))
+    ax_match.scatter(*po.T, c=dst_color, alpha=0.35, **dot)
+    ax_match.scatter(*pe.T, c=MAPPED, alpha=0.35, **dot)
     ax_match.set_title(f"{names[1]} vs {names[2]}" + (" (projection)" if d > 2 else ""))
     for ax in (ax_flow, ax_match):
         ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel=proj.labels[0], ylabel=proj.labels[1])
         ax.set_aspect("equal", adjustable="box")
-        ax.legend(loc="upper right", markerscale=2.5, handlelength=1.2, borderaxespad=0.2)
+    _legend_below(fig, [(names[0], src_color, "o"), (names[2], dst_color, "o"),
+                        (names[1], MAPPED, "o"), (flow_label, LINE, "-")])
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _legend_below(fig, entries):
+    """One legend under the panels, with opaque markers (the scatter points are translucent)."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], ls="-" if kind == "-" else "", marker=None if kind == "-" else "o",
+                      color=color, ms=5, lw=1.2, label=label) for label, color, kind in entries]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.5,
+               columnspacing=1.6)
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -151,33 +162,46 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _log_limits(ax, *curves):
+    """y-limits on a log axis from the curves' settled part: the first steps (u starts constant,
+    so L_HJ starts near 0) would otherwise stretch the axis over ten decades."""
+    values = np.concatenate([c[len(c) // 10:] for c in curves if len(c)])
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size:
+        ax.set_ylim(values.min() / 3, values.max() * 3)
+
+
 def training_figure(history: dict, title: str = ""):
-    """Three panels against the step: L_HJ; L_MMD and the held-out energy distance; the lr."""
+    """Three panels against the step: L_HJ; L_MMD and the held-out energy distance; the lr.
+
+    Thin lines are per step, bold lines a trailing moving average over ~1/60 of the run."""
     steps = np.asarray(history.get("step", []), dtype=float)
-    fig = _figure(10.5, 3.2)
+    fig = _figure(10.5, 3.3)
     axes = fig.subplots(1, 3)
     window = max(1, len(steps) // 60)
-    for ax, key, name, color in ((axes[0], "hj", r"$L_{HJ}$", SOURCE),
-                                 (axes[1], "mmd", r"$L_{MMD}$", TARGET)):
+    panels = ((axes[0], "hj", r"HJ residual $L_{HJ}$", SOURCE),
+              (axes[1], "mmd", r"marginal term $L_{MMD}$", TARGET))
+    for ax, key, name, color in panels:
         y = np.asarray(history.get(key, []), dtype=float)
         if len(y):
-            raw = np.where(y > 0, y, np.nan)
-            ax.plot(steps, raw, color=color, lw=0.5, alpha=0.3)
             smooth = _smooth(y, window)
+            ax.plot(steps, np.where(y > 0, y, np.nan), color=color, lw=0.5, alpha=0.3,
+                    label="per step")
             ax.plot(steps, np.where(smooth > 0, smooth, np.nan), color=color, lw=1.6,
-                    label=f"{name} (moving average)")
+                    label=f"moving average ({window} steps)")
             ax.set_yscale("log")
+            _log_limits(ax, smooth)
         ax.set(xlabel="step", title=name)
     held_steps = np.asarray(history.get("heldout_step", []), dtype=float)
     held = np.asarray(history.get("heldout", []), dtype=float)
     if len(held):
         ok = held > 0
         axes[1].plot(held_steps[ok], held[ok], "o-", color=MAPPED, ms=3.5, lw=1.0,
-                     label="held-out energy distance\n(data units)")
-    axes[1].set_title(r"$L_{MMD}$ and held-out check")
+                     label="held-out energy distance")
+        _log_limits(axes[1], _smooth(np.asarray(history.get("mmd", []), float), window), held[ok])
     for ax in axes[:2]:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right")
+            ax.legend(loc="lower left", fontsize=7)
     lr = np.asarray(history.get("lr", []), dtype=float)
     axes[2].plot(steps, lr, color=LINE, lw=1.4)
     axes[2].set(xlabel="step", title="learning rate")
@@ -185,7 +209,7 @@ def training_figure(history: dict, title: str = ""):
     for ax in axes:
         ax.grid(True, which="major", lw=0.4, alpha=0.4)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(f"Training — {title}", fontsize=10)
     return fig
 
 
@@ -203,7 +227,7 @@ def displacement_figure(source, pushed, target, pulled, title: str = ""):
             label=rf"backward $|T^{{-1}}(y) - y|$, mean {bwd.mean():.3g}")
     ax.set(xlabel="displacement length", ylabel="density",
            title="Displacement lengths" + (f" — {title}" if title else ""))
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     return fig
 
 
@@ -219,11 +243,13 @@ def run_plots(folder: str, source, target, pushed, pulled, history: dict, *, max
     files = []
     with matplotlib.rc_context(_STYLE):
         fig = map_figure(source, pushed, target, names=(r"source $\mu$", r"$T(x)$", r"target $\nu$"),
+                         flow_label=r"characteristic $x \to T(x)$",
                          title=f"Forward map $T$ — {title}" if title else "Forward map $T$",
                          max_points=max_points)
         files.append(_save(fig, os.path.join(folder, "forward.png")))
         fig = map_figure(target, pulled, source,
                          names=(r"target $\nu$", r"$T^{-1}(y)$", r"source $\mu$"),
+                         flow_label=r"characteristic $y \to T^{-1}(y)$",
                          title=(f"Backward map $T^{{-1}}$ — {title}" if title
                                 else "Backward map $T^{-1}$"), max_points=max_points, seed=1)
         files.append(_save(fig, os.path.join(folder, "inverse.png")))
