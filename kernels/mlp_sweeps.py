@@ -14,17 +14,18 @@ The down sweep with ubar = 1 returns [grad_x u, du/dt]; with the bracketed secon
 is reverse mode through the (primal, tangent) pair, i.e. the parameter gradient of
 ubar u + pbar . grad_x u without autograd.grad(create_graph=True).
 
-Fusion plan. Hidden widths are zero-padded to H_PAD, a multiple of the tile width BLOCK_H, and
-[x, t] to D_PAD (a power of two >= 16); padded units have zero weights, so they contribute
-nothing. A layer's activations never sit in registers whole: every GEMM streams BLOCK_H-wide
-weight tiles (64 x 64 fp32 = 16 KB) and BLOCK_H-wide column tiles of the per-layer vectors
-(a_k, adot_k, g_k, zbar_k, abar_k) through a per-program workspace of (slots, BLOCK_M, H_PAD)
-fp32 tiles, which is what lets 256-wide layers (one weight matrix = 256 KB > 227 KB of shared
-memory) compile without spills. The workspace is sized by the number of programs (a persistent
-grid of ~2 per SM), not by N, so no (N, width) tensor is written to global memory and it stays
-mostly in L2. Tiles are written in one register layout and read back in another, so a
-tl.debug_barrier() (bar.sync) separates every producer phase from its consumers. Weight
-gradients are reduced across programs with fp32 atomic adds of (BLOCK_H, BLOCK_H) tiles.
+Fusion plan. Hidden widths are zero-padded to H_PAD, a multiple of the tile width BLOCK_H (32;
+16 for width <= 16), and [x, t] to D_PAD (a power of two >= 16, tiles of BLOCK_D <= 32); padded
+units have zero weights, so they contribute nothing. A layer's activations never sit in
+registers whole: every GEMM streams (BLOCK_H, BLOCK_H) weight tiles and BLOCK_H-wide column
+tiles of the per-row vectors (a_k, adot_k, g_k, zbar_k, abar_k, [x, t], ...) through a
+per-program workspace of (slots, BLOCK_M, max(H_PAD, D_PAD)) fp32 tiles, which is what lets
+256-wide layers (one fp32 weight matrix = 256 KB > 227 KB of shared memory) compile. One
+program handles one 64-row block; a launch has at most 2 programs per SM and the launcher loops
+over launches, so the workspace is sized by the GPU, not by N: no (N, width) tensor is written
+to global memory, and the workspace mostly stays in L2. Tiles are written in one register
+layout and read back in another, so a tl.debug_barrier() (bar.sync) separates every producer
+phase from its consumers. Weight gradients are reduced across programs with fp32 atomic adds.
 
 tl.dot input precision: "tf32x3" by default (three TF32 tensor-core products, fp32-level
 accuracy; plain "ieee" fp32 compiles to FMA loops without tensor cores on Hopper); "tf32" is the
