@@ -498,3 +498,19 @@ def test_console_script_is_installed():
         pytest.skip("ncf-fast is not on PATH (package not installed)")
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 0 and "ncf_fast" in proc.stdout
+
+
+@pytest.mark.parametrize("dim", [1, 5])
+def test_plots_for_one_and_many_dimensions(tmp_path, dim):
+    """d = 1 draws the characteristics in the (x, t) plane, d > 2 a principal-axes projection."""
+    from ncf_fast import plots
+    rng = np.random.default_rng(dim)
+    src = rng.standard_normal((300, dim))
+    tgt = 2.0 * rng.standard_normal((300, dim)) + 1.0
+    history = {"step": [1, 2, 3], "hj": [0.0, 1e-3, 5e-4], "mmd": [0.1, -0.01, 0.02],
+               "lr": [1e-3, 1e-3, 5e-4], "heldout_step": [3], "heldout": [0.05]}
+    files = plots.run_plots(str(tmp_path), src, tgt, 2.0 * src + 1.0, (tgt - 1.0) / 2.0, history,
+                            max_points=100, title=f"d={dim}")
+    assert [os.path.basename(f) for f in files] == ["forward.png", "inverse.png", "training.png",
+                                                    "displacement.png"]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)  # no temp files
