@@ -172,41 +172,48 @@ def _log_limits(ax, *curves):
 
 
 def training_figure(history: dict, title: str = ""):
-    """Three panels against the step: L_HJ; L_MMD and the held-out energy distance; the lr.
+    """Three panels against the step: L_HJ (log scale); L_MMD and the held-out energy distance
+    (linear: the unbiased L_MMD estimate is noisy and often negative); the learning rate.
 
     Thin lines are per step, bold lines a trailing moving average over ~1/60 of the run."""
     steps = np.asarray(history.get("step", []), dtype=float)
     fig = _figure(10.5, 3.3)
-    axes = fig.subplots(1, 3)
+    ax_hj, ax_mmd, ax_lr = fig.subplots(1, 3)
     window = max(1, len(steps) // 60)
-    panels = ((axes[0], "hj", r"HJ residual $L_{HJ}$", SOURCE),
-              (axes[1], "mmd", r"marginal term $L_{MMD}$", TARGET))
-    for ax, key, name, color in panels:
-        y = np.asarray(history.get(key, []), dtype=float)
-        if len(y):
-            smooth = _smooth(y, window)
-            ax.plot(steps, np.where(y > 0, y, np.nan), color=color, lw=0.5, alpha=0.3,
-                    label="per step")
-            ax.plot(steps, np.where(smooth > 0, smooth, np.nan), color=color, lw=1.6,
-                    label=f"moving average ({window} steps)")
-            ax.set_yscale("log")
-            _log_limits(ax, smooth)
-        ax.set(xlabel="step", title=name)
+    hj = np.asarray(history.get("hj", []), dtype=float)
+    if len(hj):
+        smooth = _smooth(hj, window)
+        ax_hj.plot(steps, np.where(hj > 0, hj, np.nan), color=SOURCE, lw=0.5, alpha=0.3,
+                   label="per step")
+        ax_hj.plot(steps, np.where(smooth > 0, smooth, np.nan), color=SOURCE, lw=1.6,
+                   label=f"moving average ({window} steps)")
+        ax_hj.set_yscale("log")
+        _log_limits(ax_hj, smooth)
+    ax_hj.set(xlabel="step", title=r"HJ residual $L_{HJ}$")
+    mmd = np.asarray(history.get("mmd", []), dtype=float)
     held_steps = np.asarray(history.get("heldout_step", []), dtype=float)
     held = np.asarray(history.get("heldout", []), dtype=float)
+    if len(mmd):
+        smooth = _smooth(mmd, window)
+        ax_mmd.plot(steps, mmd, color=TARGET, lw=0.5, alpha=0.3, label="per step")
+        ax_mmd.plot(steps, smooth, color=TARGET, lw=1.6, label=f"moving average ({window} steps)")
+        settled = np.concatenate([smooth[len(smooth) // 10:], held])
+        top = max(np.quantile(np.abs(mmd[len(mmd) // 10:]), 0.95), settled.max(), 1e-12)
+        ax_mmd.set_ylim(min(settled.min(), 0.0) - 0.1 * top, 1.15 * top)
     if len(held):
-        ok = held > 0
-        axes[1].plot(held_steps[ok], held[ok], "o-", color=MAPPED, ms=3.5, lw=1.0,
-                     label="held-out energy distance")
-        _log_limits(axes[1], _smooth(np.asarray(history.get("mmd", []), float), window), held[ok])
-    for ax in axes[:2]:
+        ax_mmd.plot(held_steps, held, "o-", color=MAPPED, ms=3.5, lw=1.0,
+                    label="held-out energy distance")
+    ax_mmd.axhline(0.0, color=LINE, lw=0.6)
+    ax_mmd.set(xlabel="step", title=r"marginal term $L_{MMD}$")
+    for ax in (ax_hj, ax_mmd):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower left", fontsize=7)
+            ax.legend(loc="upper right", fontsize=7)
     lr = np.asarray(history.get("lr", []), dtype=float)
-    axes[2].plot(steps, lr, color=LINE, lw=1.4)
-    axes[2].set(xlabel="step", title="learning rate")
-    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in axes:
+    ax_lr.plot(steps, lr, color=LINE, lw=1.4)
+    ax_lr.set(xlabel="step", title="learning rate")
+    for ax in (ax_mmd, ax_lr):
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in (ax_hj, ax_mmd, ax_lr):
         ax.grid(True, which="major", lw=0.4, alpha=0.4)
     if title:
         fig.suptitle(f"Training — {title}", fontsize=10)
