@@ -901,8 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``ncf-fast`` and ``python -m ncf_fast``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in SUBCOMMANDS and argv[0].startswith("--") and argv[0] not in (
-            "--help", "--version"):
+    if argv and argv[0] not in SUBCOMMANDS and argv[0].startswith("-") and argv[0] not in (
+            "-h", "--help", "--version"):
         argv.insert(0, "train")  # the original run.py flags, no sub-command
     debug = os.environ.get("NCF_FAST_DEBUG", "") not in ("", "0")
     try:
