@@ -30,6 +30,7 @@ NCF_BENCH_SHAPES="16x128x4096,16x128x65536,64x256x65536" timeout 120 \
 
 # --- energy-distance benchmarks: the energy-distance engineer adds their lines here -----------
 # (write their pytest-benchmark JSON to "$OUT/bench_energy.json"; the summary picks it up)
+echo "== energy distance (issue 5): compiled kernel tests, then benchmarks"; timeout 100 python -m pytest tests/test_energy_kernel_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -15 || status=1; NCF_ENERGY_SHAPES="8192x2,8192x16,8192x64,65536x16,1000000x16" timeout 150 python -m pytest benchmarks/bench_energy.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench_energy.json" 2>&1 | tail -5 || status=1
 # --- end of energy-distance block -----------------------------------------------------------
 
 echo "== summary"

@@ -42,3 +42,21 @@ def set_dot_precision(precision: str) -> None:
     (opt-in fast mode); see :func:`ncf_fast.kernels.mlp_sweeps.set_dot_precision`."""
     from .mlp_sweeps import set_dot_precision as setter
     setter(precision)
+
+
+# --- energy distance (energy_distance.py); triton is imported on first call ---
+__all__ += ["energy_pair_sums", "energy_segment_pair_sums"]
+
+
+def energy_pair_sums(a, b, grad=False):
+    """Row sums over all pairs, (S (N,) float64, Ga (N, d) float32 or None), by tiles in linear
+    memory; see :func:`ncf_fast.kernels.energy_distance.pair_sums`."""
+    from .energy_distance import pair_sums
+    return pair_sums(a, b, grad=grad)
+
+
+def energy_segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=False):
+    """The same within label-sorted segments, all in one launch; see
+    :func:`ncf_fast.kernels.energy_distance.segment_pair_sums`."""
+    from .energy_distance import segment_pair_sums
+    return segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=grad)

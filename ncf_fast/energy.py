@@ -54,9 +54,12 @@ _BLOCK_ELEMS = 1 << 18
 # Near-pair threshold relative to |a|^2 + |b|^2: the Gram form's rounding error is a few ulps of
 # that sum, so above 2^-10 of it the computed |a - b| keeps ~1e-4 relative accuracy in fp32.
 _NEAR = 2.0 ** -10
-# torch path: explicit differences up to this d (see benchmarks/bench_energy.py: at d <= 4 they
-# beat the GEMM + near-pair correction on CPU, whose near set covers ~1e-3 of the pairs at d = 2).
-_DIRECT_MAX_D = 4
+# Columns per block: at 4096 the column sums (Gb) cost 1/64 of a block's pair work.
+_BLOCK_COLS = 4096
+# torch path: explicit differences up to this d. Measured on CPU (1 thread, N = M = 2048, value
+# + both gradients): d = 2 direct 0.083 s vs GEMM + near-pair fix 0.090 s (the fix touches ~1e-3
+# of the pairs at d = 2); d = 4: 0.119 s vs 0.082 s.
+_DIRECT_MAX_D = 2
 
 
 def _resolve(backend: str, a: torch.Tensor) -> str:
@@ -83,12 +86,17 @@ def _resolve(backend: str, a: torch.Tensor) -> str:
 
 
 def _torch_pair_sums(a, b, grad_a, grad_b, same):
-    """The torch backend of :func:`pair_distance_sums` (see the module docstring)."""
+    """The torch backend of :func:`pair_distance_sums` (see the module docstring).
+
+    Blocks of at most _BLOCK_COLS columns x (_BLOCK_ELEMS / columns) rows, so that the column
+    sums (Gb) cost O(columns) per block of _BLOCK_ELEMS pairs, not O(M) per few rows.
+    """
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     direct = d <= _DIRECT_MAX_D
-    rows = max(1, _BLOCK_ELEMS // max(m, 1))
+    bc = min(m, _BLOCK_COLS)
+    br = max(1, _BLOCK_ELEMS // max(bc, 1))
     total = torch.zeros((), dtype=torch.float64, device=a.device)
-    ga = torch.empty_like(a) if grad_a else None
+    ga = torch.zeros_like(a) if grad_a else None
     gb = torch.zeros_like(b) if grad_b else None
     if direct:
         bt = b.t().contiguous()
@@ -98,61 +106,66 @@ def _torch_pair_sums(a, b, grad_a, grad_b, same):
         # per-row near threshold: _NEAR * (|a_i|^2 + max_j |b_j|^2) bounds _NEAR * (|a_i|^2 +
         # |b_j|^2), so it flags a superset of the pairs that need it (they are only made exact)
         thr = (_NEAR * (a2 + b2.max())).unsqueeze(1)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        ab = a[start:stop]
-        if direct:
-            diffs = [ab[:, k:k + 1] - bt[k] for k in range(d)]
-            d2 = diffs[0] * diffs[0]
-            for k in range(1, d):
-                d2.addcmul_(diffs[k], diffs[k])
-            dist = d2.sqrt_()  # the diagonal of a same pass is exactly 0 here
+    for c0 in range(0, m, bc):
+        c1 = min(m, c0 + bc)
+        bb = b[c0:c1]
+        for r0 in range(0, n, br):
+            r1 = min(n, r0 + br)
+            ab = a[r0:r1]
+            diag = r0 - c0  # the (i, i) pairs of a same pass sit on this diagonal of the block
+            if direct:
+                diffs = [ab[:, k:k + 1] - bt[k, c0:c1] for k in range(d)]
+                d2 = diffs[0] * diffs[0]
+                for k in range(1, d):
+                    d2.addcmul_(diffs[k], diffs[k])
+                dist = d2.sqrt_()  # the diagonal of a same pass is exactly 0 here
+                total += dist.sum(dtype=torch.float64)
+                if not (grad_a or grad_b):
+                    continue
+                w = dist.reciprocal_()
+                w.masked_fill_(torch.isinf(w), 0.0)  # coinciding points: u(0) = 0
+                for k in range(d):
+                    wd = diffs[k].mul_(w)
+                    if grad_a:
+                        ga[r0:r1, k] += wd.sum(1)
+                    if grad_b:
+                        gb[c0:c1, k] -= wd.sum(0)
+                continue
+            d2 = torch.addmm(b2[c0:c1].unsqueeze(0), ab, bb.t(), alpha=-2.0)
+            d2.add_(a2[r0:r1, None])
+            if same:  # the diagonal (i, i): exactly 0, and not a near pair to fix
+                d2.diagonal(offset=diag).fill_(0.0)
+            near = d2 <= thr[r0:r1]
+            if same:
+                near.diagonal(offset=diag).fill_(False)
+            ni, nj = near.nonzero(as_tuple=True)
+            fix = ni.numel() > 0
+            if fix:
+                diff = ab[ni] - bb[nj]
+                d2[ni, nj] = (diff * diff).sum(1)
+            dist = d2.clamp_min_(0.0).sqrt_()
             total += dist.sum(dtype=torch.float64)
             if not (grad_a or grad_b):
                 continue
+            # Gram-form gradient sum_j w_ij (a_i - b_j) with w = 1/|a_i - b_j| for the regular
+            # pairs; near pairs (coinciding ones included) get w = 0 and are added exactly below
             w = dist.reciprocal_()
-            w.masked_fill_(torch.isinf(w), 0.0)  # coinciding points: u(0) = 0
-            for k in range(d):
-                wd = diffs[k].mul_(w)
-                if grad_a:
-                    ga[start:stop, k] = wd.sum(1)
-                if grad_b:
-                    gb[:, k] -= wd.sum(0)
-            continue
-        d2 = torch.addmm(b2.unsqueeze(0), ab, b.t(), alpha=-2.0).add_(a2[start:stop, None])
-        if same:  # the diagonal (i, i) of this block: exactly 0, and not a near pair to fix
-            d2.diagonal(offset=start).fill_(0.0)
-        near = d2 <= thr[start:stop]
-        if same:
-            near.diagonal(offset=start).fill_(False)
-        ni, nj = near.nonzero(as_tuple=True)
-        fix = ni.numel() > 0
-        if fix:
-            diff = ab[ni] - b[nj]
-            d2[ni, nj] = (diff * diff).sum(1)
-        dist = d2.clamp_min_(0.0).sqrt_()
-        total += dist.sum(dtype=torch.float64)
-        if not (grad_a or grad_b):
-            continue
-        # Gram-form gradient sum_j w_ij (a_i - b_j) with w = 1/|a_i - b_j| for the regular pairs;
-        # near pairs (coinciding ones included) get w = 0 here and are added exactly below
-        w = dist.reciprocal_()
-        if same:
-            w.diagonal(offset=start).fill_(0.0)
-        if fix:
-            w[ni, nj] = 0.0
-            dn = (diff * diff).sum(1, keepdim=True).sqrt()
-            unit = diff / torch.where(dn > 0, dn, torch.ones_like(dn))
-        if grad_a:
-            g = torch.addmm(ab * w.sum(1, keepdim=True), w, b, alpha=-1.0)
+            if same:
+                w.diagonal(offset=diag).fill_(0.0)
             if fix:
-                g.index_add_(0, ni, unit)
-            ga[start:stop] = g
-        if grad_b:
-            gb += b * w.sum(0).unsqueeze(1)
-            gb.addmm_(w.t(), ab, alpha=-1.0)
-            if fix:
-                gb.index_add_(0, nj, -unit)
+                w[ni, nj] = 0.0
+                dn = (diff * diff).sum(1, keepdim=True).sqrt()
+                unit = diff / torch.where(dn > 0, dn, torch.ones_like(dn))
+            if grad_a:
+                g = ga[r0:r1]
+                g.addcmul_(ab, w.sum(1, keepdim=True)).addmm_(w, bb, alpha=-1.0)
+                if fix:
+                    g.index_add_(0, ni, unit)
+            if grad_b:
+                g = gb[c0:c1]
+                g.addcmul_(bb, w.sum(0).unsqueeze(1)).addmm_(w.t(), ab, alpha=-1.0)
+                if fix:
+                    g.index_add_(0, nj, -unit)
     return total, ga, gb
 
 

@@ -1,0 +1,119 @@
+"""Benchmarks of the energy distance, value and both gradients (forward + backward), per backend.
+
+    pytest benchmarks/bench_energy.py --benchmark-only                  # small CPU default
+    NCF_BENCH_FULL=1 pytest benchmarks/bench_energy.py --benchmark-only # issue shapes
+    NCF_ENERGY_SHAPES=8192x16,65536x16 pytest benchmarks/bench_energy.py ...  # N x d
+
+Shapes: N = M in {8192, 65536, 1e6} x d in {2, 16, 64} with NCF_BENCH_FULL=1; otherwise the
+issue's CPU comparison, N = M = 4096 at d in {2, 16} (the torch path must be no slower than the
+cdist path there). Backends: "reference" = the U-statistic from torch.cdist with autograd (the
+issue's cdist baseline; O(NM) memory, skipped where its N x M matrices would not fit), "torch"
+(ncf_fast.energy's block-wise path), and "triton" on CUDA (the interpreter is not a benchmark).
+Every timed call on CUDA ends with torch.cuda.synchronize(); a warm-up round runs first (JIT and
+autotune excluded). extra_info: device, dtype, versions, peak memory (CUDA), pairs per second
+(3 N M pairs: the cross and both within terms), and the time as a fraction of the H200 bound
+computed in kernels/energy_distance.py (triton only).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+import ncf_fast
+from ncf_fast import energy
+
+pytest.importorskip("pytest_benchmark")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("NCF_BENCH_FULL") == "1"
+SHAPES = ([(n, d) for n in (8192, 65536, 1_000_000) for d in (2, 16, 64)] if FULL
+          else [(4096, 2), (4096, 16)])
+if os.environ.get("NCF_ENERGY_SHAPES"):  # e.g. "8192x16,65536x16" (gpu_check.sh)
+    SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
+BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
+# cdist holds three N x N fp32 distance matrices plus gradient buffers: ~10 N^2 * 4 bytes, and
+# it is only run where that is under half the free memory
+_CDIST_BYTES = 40
+# the torch path at 1e6 points (3e12 pairs in 2^18-pair blocks) would take hours
+_CPU_MAX_N = 65536
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def cdist_energy_distance(a, b):
+    """The cdist baseline: unbiased U-statistic from torch.cdist, gradients by autograd."""
+    n, m = a.shape[0], b.shape[0]
+    return (2.0 * torch.cdist(a, b).sum() / (n * m) - torch.cdist(a, a).sum() / (n * (n - 1))
+            - torch.cdist(b, b).sum() / (m * (m - 1)))
+
+
+def setup_sets(n, d, seed=0):
+    """The tests' setup: a shifted, scaled Gaussian against a standard one, both (n, d) fp32."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, d, generator=g) * 1.5 + 0.7).to(DEVICE)
+    b = torch.randn(n, d, generator=g).to(DEVICE)
+    return a, b
+
+
+def _fits(backend, n):
+    if backend == "reference":
+        free = (torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 * 2**30)
+        return _CDIST_BYTES * n * n < 0.5 * free
+    if backend == "torch":  # ~20 small ops per 2^18-pair block: hours at 1e6 on either device
+        return n <= _CPU_MAX_N
+    return True
+
+
+def _bound_seconds(n, d):
+    """The H200 bound of kernels/energy_distance.py for value + both gradients (4 N^2 pairs)."""
+    pairs = 4.0 * n * n
+    block_d = max(16, 1 << (d - 1).bit_length())
+    tensor = pairs * 2 * 3 * 2 * block_d / 495e12 if d > 4 else 0.0
+    fp32 = pairs * (12 if d > 4 else 3 * d + 10) / 33.5e12
+    mufu = pairs / 4.2e12
+    return max(tensor, fp32, mufu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}-d{}".format(*s))
+def test_energy_distance_fwd_bwd(benchmark, backend, shape):
+    n, d = shape
+    if not _fits(backend, n):
+        pytest.skip(f"{backend} does not fit / is not run at N = {n} on {DEVICE}")
+    a, b = setup_sets(n, d)
+    fn = cdist_energy_distance if backend == "reference" else (
+        lambda x, y: energy.energy_distance(x, y, backend=backend))
+
+    def step():
+        aa, bb = a.detach().requires_grad_(), b.detach().requires_grad_()
+        v = fn(aa, bb)
+        v.backward()
+        _sync()
+        return v
+
+    step()  # warm-up: JIT compile, allocator
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(step, rounds=1 if n >= 65536 else 3, iterations=1, warmup_rounds=0)
+    info = benchmark.extra_info
+    info.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
+                or "cpu", dtype="float32", torch=torch.__version__, ncf_fast=ncf_fast.__version__,
+                backend=backend, shape=f"N=M={n},d={d}", threads=torch.get_num_threads())
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    mean = benchmark.stats.stats.mean
+    info["pairs_per_s"] = 3.0 * n * n / mean
+    if DEVICE == "cuda":
+        info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        info["peak_mem_bytes_per_sample"] = torch.cuda.max_memory_allocated() / n
+        if backend == "triton":
+            info["fraction_of_bound"] = _bound_seconds(n, d) / mean

@@ -1,0 +1,339 @@
+"""Energy distance at scale: the Triton kernel (interpreted) and the torch path vs float64 brute force.
+
+Covers issue 5's CPU tests: parity of value and both gradients on odd sizes (N != M, N = 1,
+d in DIMS, the kernel's d buckets), duplicate and near points, the class-conditional losses with
+singleton and empty classes in one launch, the tf32x3 accuracy argument of the Gram mode (by a
+bit-exact model of its operand split: the interpreter computes tl.dot in plain fp32), and the
+torch path's peak memory at N = M = 50,000 (in a subprocess, from RSS).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ncf_fast import energy, reference
+from tolerance import DIMS, assert_close_to_ref
+
+triton = pytest.importorskip("triton")
+from ncf_fast.kernels import energy_distance as kernel  # noqa: E402
+
+BACKENDS = ("triton", "torch")
+# odd sizes: N = 1, M = 1, N != M, N not a multiple of BLOCK_N = 128, d in every kernel bucket
+SHAPES = [(1, 5, d) for d in DIMS] + [(37, 50, d) for d in DIMS] + [
+    (130, 1, 3), (129, 64, 17), (200, 131, 5), (20, 17, 33)]
+
+
+def _value_and_grads(fn, a, b, dtype, **kw):
+    aa = a.to(dtype).requires_grad_()
+    bb = b.to(dtype).requires_grad_()
+    v = fn(aa, bb, **kw)
+    return (v, *torch.autograd.grad(v, [aa, bb]))
+
+
+def _check_against_reference(a, b, backend):
+    fast = _value_and_grads(energy.energy_distance, a, b, torch.float32, backend=backend)
+    ref64 = _value_and_grads(reference.energy_distance, a, b, torch.float64)
+    lowp = _value_and_grads(reference.energy_distance, a, b, torch.float32)
+    for k, what in enumerate(("value", "grad_a", "grad_b")):
+        assert_close_to_ref(fast[k], ref64[k], lowp[k], f"{backend} {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+def test_value_and_gradients_match_float64(n, m, d, backend):
+    a = torch.randn(n, d) * 1.5 + 0.7
+    b = torch.randn(m, d)
+    _check_against_reference(a, b, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", (2, 17))
+def test_duplicate_and_shared_points(d, backend):
+    """Coinciding points: |.| = 0 and u(0) = 0, so value and gradients stay finite and exact."""
+    a = torch.randn(60, d)
+    a[5] = a[3]
+    a[7] = a[3]
+    b = torch.cat([a[:20].clone(), torch.randn(25, d)])  # 20 points shared between the sets
+    b[30] = b[29]
+    _check_against_reference(a, b, backend)
+
+
+def test_single_point_on_both_sides_is_zero_distance_apart():
+    one = torch.randn(1, 3)
+    v = energy.energy_distance(one, one.clone(), backend="triton")
+    assert float(v) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", (3, 17))
+def test_near_pairs_far_from_the_origin(d, backend):
+    """Pairs 1e-4 apart at |x| ~ 100 (no centring here): the Gram form alone loses every digit;
+    the near-pair correction must give the direct form's accuracy for S and both unit sums."""
+    base = torch.randn(40, d) + 100.0
+    a = base
+    b = torch.cat([base[:25] + 1e-4 * torch.randn(25, d), torch.randn(20, d) + 100.0])
+    s, ga, gb = energy.pair_distance_sums(a, b, grad_a=True, grad_b=True, backend=backend)
+    a64, b64 = a.double(), b.double()
+    dist = reference.pairwise_distance(a64, b64)
+    diff = a64.unsqueeze(1) - b64.unsqueeze(0)
+    unit = diff / torch.where(dist > 0, dist, torch.ones_like(dist)).unsqueeze(-1)
+    dist32 = reference.pairwise_distance(a, b)
+    diff32 = a.unsqueeze(1) - b.unsqueeze(0)
+    unit32 = diff32 / torch.where(dist32 > 0, dist32, torch.ones_like(dist32)).unsqueeze(-1)
+    assert_close_to_ref(s, dist.sum(), dist32.double().sum(), "S")
+    assert_close_to_ref(ga, unit.sum(1), unit32.sum(1), "Ga")
+    assert_close_to_ref(gb, -unit.sum(0), -unit32.sum(0), "Gb")
+
+
+def test_value_only_mode_matches_and_skips_gradients():
+    a, b = torch.randn(30, 17), torch.randn(20, 17)
+    s, g = kernel.pair_sums(a, b, grad=False)
+    assert g is None
+    s_grad, g_grad = kernel.pair_sums(a, b, grad=True)
+    torch.testing.assert_close(s, s_grad, rtol=0, atol=0)
+    with torch.no_grad():
+        v = energy.energy_distance(a.requires_grad_(), b, backend="triton")
+    assert not v.requires_grad
+    torch.testing.assert_close(v.double(), reference.energy_distance(a.detach().double(),
+                                                                      b.double()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_auto_backend_and_limits():
+    a = torch.randn(5, 3)
+    assert energy._resolve("auto", a) == "torch"  # CPU: the torch path
+    assert energy._resolve("triton", a) == "triton"
+    with pytest.raises(ValueError, match="d <= 64"):
+        energy.energy_distance(torch.randn(4, 65), torch.randn(4, 65), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        energy.energy_distance(a, a, backend="cuda")
+    for d in range(1, kernel.MAX_D + 1):  # every d maps to a power-of-two BLOCK_D >= d
+        cfg = kernel.config_for(d)
+        assert cfg["BLOCK_D"] >= d and cfg["BLOCK_D"] & (cfg["BLOCK_D"] - 1) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# class-conditional losses: one launch over label-sorted segments
+
+def _per_class_reference(a, b, la, lb, classes):
+    return torch.stack([reference.energy_distance(a[la == k], b[lb == k]) for k in classes]).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_conditional_with_singleton_classes(backend):
+    """Classes 3 and 7 have one sample on one side (within term 0 there, cross term kept); labels
+    unsorted and not contiguous integers."""
+    d = 3
+    la = torch.tensor([0] * 40 + [3] * 1 + [7] * 9 + [2] * 33)[torch.randperm(83)]
+    lb = torch.tensor([0] * 31 + [3] * 12 + [7] * 1 + [2] * 20)[torch.randperm(64)]
+    a, b = torch.randn(83, d) + 0.3, torch.randn(64, d)
+    classes = torch.unique(la)
+    fast = _value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
+        x, y, la, lb, backend=backend), a, b, torch.float32)
+    ref64 = _value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
+                             a, b, torch.float64)
+    lowp = _value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
+                            a, b, torch.float32)
+    for k, what in enumerate(("value", "grad_a", "grad_b")):
+        assert_close_to_ref(fast[k], ref64[k], lowp[k], f"{backend} {what}")
+
+
+def test_class_conditional_singleton_on_both_sides_is_its_cross_term():
+    a, b = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    lab = torch.zeros(1, dtype=torch.long)
+    for backend in BACKENDS:
+        v = energy.class_conditional_energy_distance(a, b, lab, lab, backend=backend)
+        torch.testing.assert_close(v.double(), 2 * (a - b).norm(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_missing_on_one_side_is_an_error(backend):
+    a, b = torch.randn(10, 2), torch.randn(8, 2)
+    la = torch.tensor([0, 1] * 5)
+    with pytest.raises(ValueError, match=r"only in source \[1\]"):
+        energy.class_conditional_energy_distance(a, b, la, torch.zeros(8, dtype=torch.long),
+                                                 backend=backend)
+    # per_class_mean over a class list naming a class absent from a batch
+    with pytest.raises(ValueError, match=r"classes \[2\] have no"):
+        energy.per_class_mean(energy.witness_energy_distance, torch.tensor([0, 1, 2]),
+                              (a[:4], la[:4]), (a[4:], la[4:]), (b, torch.tensor([0, 1] * 4)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_conditional_witness_matches_the_per_class_loop(backend):
+    """The trainer's class-conditional loss (per_class_mean of witness_energy_distance) in one
+    segmented call equals the Python loop over classes, value and gradient, in float64."""
+    torch.manual_seed(3)
+    la = torch.tensor([0, 1, 2] * 6)
+    lp = torch.tensor([0, 1, 2] * 20)[torch.randperm(60)]
+    lb = torch.tensor([0] * 30 + [1] * 1 + [2] * 14)  # class 1: a single target sample
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    act = torch.randn(18, 17, dtype=dtype, requires_grad=True)
+    pas, tgt = torch.randn(60, 17, dtype=dtype), torch.randn(45, 17, dtype=dtype) + 0.2
+    v = energy.class_conditional_witness_energy_distance(act, pas, tgt, la, lp, lb,
+                                                         within_rows=8, backend=backend)
+    (g,) = torch.autograd.grad(v, act)
+    loop = torch.stack([energy.witness_energy_distance(act[la == k], pas[lp == k],
+                                                       tgt[lb == k], within_rows=8,
+                                                       backend="torch") for k in range(3)])
+    (g_loop,) = torch.autograd.grad(loop.mean(), act)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, loop.mean(), **tol)
+    torch.testing.assert_close(g, g_loop, **tol)
+    # the trainer's call, per_class_mean(witness_energy_distance, ...), is this segmented loss
+    # (with the default within_rows and backend)
+    v2 = energy.per_class_mean(energy.witness_energy_distance, torch.arange(3), (act, la),
+                               (pas, lp), (tgt, lb))
+    v3 = energy.class_conditional_witness_energy_distance(act, pas, tgt, la, lp, lb)
+    torch.testing.assert_close(v2, v3, rtol=1e-12, atol=0)
+
+
+def test_segmented_kernel_is_one_launch(monkeypatch):
+    """All classes of a term go through a single kernel launch (no Python loop over classes)."""
+    launches = []
+    real = kernel._pair_sums_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernel, "_pair_sums_kernel", Counting())
+    la, lb = torch.arange(30) % 5, torch.arange(25) % 5
+    a, b = torch.randn(30, 3), torch.randn(25, 3)
+    with torch.no_grad():
+        energy.class_conditional_energy_distance(a, b, la, lb, backend="triton")
+    assert len(launches) == 3  # (a, b), (a, a), (b, b): one launch each for all 5 classes
+
+
+# ---------------------------------------------------------------------------------------------
+# the Gram mode's precision: a bit-exact model of the kernel's tf32x3 arithmetic
+
+def _tf32(x):
+    """Truncate float32 to tf32 (10 mantissa bits), as the kernel's split and the tensor core's
+    operand read do."""
+    return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+
+
+def _gram_model_sums(a, b, three_pass: bool):
+    """S and Ga by the kernel's GRAM arithmetic, with its dots in tf32x3 (or plain tf32)."""
+    a2 = a.double().square().sum(1).float()
+    b2 = b.double().square().sum(1).float()
+
+    def dot(x, y):  # x @ y.T with tensor-core operand rounding, fp32 accumulation
+        if not three_pass:
+            return _tf32(x) @ _tf32(y).T
+        xh, yh = _tf32(x), _tf32(y)
+        return _tf32(x - xh) @ yh.T + xh @ _tf32(y - yh).T + xh @ yh.T
+
+    norms = a2[:, None] + b2[None, :]
+    d2 = norms - 2.0 * dot(a, b)
+    near = d2 <= kernel.NEAR * norms
+    d2_direct = (a[:, None] - b[None]).square().sum(-1)
+    far = ~near
+    w = torch.where(far, torch.rsqrt(torch.where(far, d2, torch.ones_like(d2))),
+                    torch.zeros_like(d2))
+    s = (d2 * w).sum(1).double()
+    wn = torch.where(near & (d2_direct > 0), d2_direct.clamp_min(1e-30).rsqrt(),
+                     torch.zeros_like(d2))
+    s += (d2_direct * wn).sum(1).double()
+    ga = a * w.sum(1, keepdim=True) - dot(w, b.T.contiguous())  # W B via the same split
+    ga += (wn.unsqueeze(-1) * (a[:, None] - b[None])).sum(1)
+    return s.sum(), ga
+
+
+def _gram_model_energy(a, b, three_pass):
+    center = 0.5 * (a.mean(0) + b.mean(0))
+    a, b = a - center, b - center
+    n, m = len(a), len(b)
+    s_ab, g_ab = _gram_model_sums(a, b, three_pass)
+    s_aa, g_aa = _gram_model_sums(a, a, three_pass)
+    s_bb, _ = _gram_model_sums(b, b, three_pass)
+    value = 2 * s_ab / (n * m) - s_aa / (n * (n - 1)) - s_bb / (m * (m - 1))
+    return value, 2 * g_ab / (n * m) - 2 * g_aa / (n * (n - 1))
+
+
+def _clustered(n, d, gen):
+    """Tight clusters far from the origin: many pairs close relative to their norms."""
+    centers = torch.randn(6, d, generator=gen) * 5.0
+    return centers[torch.randint(0, 6, (n,), generator=gen)] + 0.05 * torch.randn(n, d,
+                                                                                   generator=gen)
+
+
+@pytest.mark.parametrize("d", (16, 64))
+@pytest.mark.parametrize("data", ("gaussian", "clustered"))
+def test_tf32x3_gram_mode_is_as_accurate_as_the_direct_form(d, data):
+    """The STYLE tolerance rule against float64, with the float32 direct-difference reference as
+    the yardstick: the tf32x3 model passes; one tf32 pass (a control: the test can fail) does not."""
+    gen = torch.Generator().manual_seed(d)
+    if data == "gaussian":
+        a, b = torch.randn(300, d, generator=gen) + 0.5, torch.randn(280, d, generator=gen)
+    else:
+        a, b = _clustered(300, d, gen), _clustered(280, d, gen) + 0.02
+    a64, a32 = a.double().requires_grad_(), a.clone().requires_grad_()
+    ref64 = reference.energy_distance(a64, b.double())
+    ref32 = reference.energy_distance(a32, b)
+    (g64,) = torch.autograd.grad(ref64, a64)
+    (g32,) = torch.autograd.grad(ref32, a32)
+    value, grad = _gram_model_energy(a, b, three_pass=True)
+    assert_close_to_ref(value, ref64, ref32, "tf32x3 value")
+    assert_close_to_ref(grad, g64, g32, "tf32x3 grad_a")
+    value1, grad1 = _gram_model_energy(a, b, three_pass=False)
+    with pytest.raises(AssertionError):
+        assert_close_to_ref(value1, ref64, ref32, "tf32 value")
+        assert_close_to_ref(grad1, g64, g32, "tf32 grad_a")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import os, resource, sys, threading, time
+    import torch
+    from ncf_fast import energy
+    torch.set_num_threads(2)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n, d = int(sys.argv[1]), int(sys.argv[2])
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, d, generator=gen).requires_grad_()
+    b = (torch.randn(n, d, generator=gen) + 0.5).requires_grad_()
+    energy.energy_distance(a[:300], b[:300]).backward()  # warm-up: lazy allocations happen here
+    a.grad = b.grad = None
+    base = rss()
+    ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, stop = [base], threading.Event()
+
+    def sample():  # RSS every 0.5 ms; ru_maxrss below catches any peak above the earlier one
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    value = energy.energy_distance(a, b, backend="torch")
+    value.backward()
+    stop.set()
+    thread.join()
+    ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    top = max(peak[0], ru_after if ru_after > ru_before else 0)
+    print((top - base) / 2 ** 20, float(value), bool(torch.isfinite(a.grad).all()))
+""")
+
+
+def test_torch_path_memory_is_linear_at_50k():
+    """N = M = 50,000, d = 4, value and both gradients: < 100 MB above the inputs (the cdist path
+    would hold 50,000^2 fp32 distances = 10 GB, twice with its gradient)."""
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, "50000", "4"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extra_mb, value, finite = proc.stdout.split()
+    assert finite == "True" and float(value) > 0
+    assert float(extra_mb) < 100.0, f"{float(extra_mb):.1f} MB above the inputs"
