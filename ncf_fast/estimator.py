@@ -68,6 +68,9 @@ class NCF:
     def __init__(self, dim: int, hidden=None, activation: str = "softplus", cost="quadratic",
                  t_final: float = 1.0, device=None, dtype=torch.float32, seed: int | None = None,
                  backend: str = "auto"):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        dim = int(dim)
         if isinstance(t_final, bool) or not isinstance(t_final, (int, float)) or not t_final > 0:
             raise ValueError(f"t_final must be a positive number, got {t_final!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):

@@ -1,0 +1,94 @@
+"""Problems with known answers and the metrics."""
+import numpy as np
+import pytest
+import torch
+
+from ncf_fast import metrics
+from ncf_fast.problems import TOYS, GaussianOT, toy
+
+
+def test_gaussian_maps_push_forward_and_invert():
+    prob = GaussianOT(4, seed=0, means=True)
+    x = prob.sample_source(200_000)
+    y = prob.forward_map(x)
+    np.testing.assert_allclose(np.cov(y.T), prob.sigma1, atol=0.03)
+    np.testing.assert_allclose(y.mean(0), prob.m1, atol=0.02)
+    np.testing.assert_allclose(prob.inverse_map(y), x, atol=1e-10)
+    # Gamma is symmetric positive definite: the map is the gradient of a convex function
+    np.testing.assert_allclose(prob.gamma, prob.gamma.T, atol=1e-12)
+    assert np.linalg.eigvalsh(prob.gamma).min() > 0
+    # eigenvalues of the covariances lie in [1/2, 2] (log-uniform in [-ln 2, ln 2])
+    for s in (prob.sigma0, prob.sigma1):
+        ev = np.linalg.eigvalsh(s)
+        assert ev.min() >= 0.5 - 1e-12 and ev.max() <= 2 + 1e-12
+
+
+def test_gaussian_potential_gives_the_map():
+    """x + grad u*(x, 0) = T*(x), with the gradient by central differences; torch in, torch out."""
+    prob = GaussianOT(3, seed=2, means=True)
+    xn = prob.sample_source(50)
+    h = 1e-6
+    grad = np.stack([(prob.potential(xn + h * e, 0.0) - prob.potential(xn - h * e, 0.0)) / (2 * h)
+                     for e in np.eye(3)], 1)
+    np.testing.assert_allclose(xn + grad, prob.forward_map(xn), atol=1e-6)
+    u = prob.potential(torch.as_tensor(xn), torch.full((50,), 0.3, dtype=torch.float64))
+    assert isinstance(u, torch.Tensor) and u.shape == (50,)
+
+
+def test_from_npz_roundtrip(tmp_path):
+    prob = GaussianOT(3, seed=5)
+    path = tmp_path / "pair.npz"
+    np.savez(path, Sigma0=prob.sigma0, Sigma1=prob.sigma1)
+    again = GaussianOT.from_npz(path)
+    np.testing.assert_allclose(again.gamma, prob.gamma, atol=1e-12)
+    np.savez(tmp_path / "bad.npz", Sigma0=prob.sigma0)
+    with pytest.raises(ValueError, match="missing array.*Sigma1"):
+        GaussianOT.from_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "notspd.npz", Sigma0=prob.sigma0, Sigma1=-prob.sigma1)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianOT.from_npz(tmp_path / "notspd.npz")
+
+
+@pytest.mark.parametrize("name", sorted(TOYS))
+def test_toys(name):
+    x = toy(name, 500, seed=0)
+    assert x.shape == (500, 2) and np.isfinite(x).all()
+    np.testing.assert_array_equal(x, toy(name, 500, seed=0))
+    assert 0.2 < x.std() < 5
+
+
+def test_toy_errors():
+    with pytest.raises(ValueError, match="unknown toy"):
+        toy("donut", 10)
+    with pytest.raises(ValueError, match="positive integer"):
+        toy("moons", 0)
+
+
+def test_l2_uvp_definition():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(1000, 3)) * 2
+    true = rng.normal(size=(500, 3))
+    pred = true + 0.1
+    var = target.var(0, ddof=1).sum()
+    assert metrics.l2_uvp(pred, true, target) == pytest.approx(100 * 0.03 / var)
+    assert metrics.l2_uvp(true, true, target) == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.l2_uvp(pred[:10], true, target)
+
+
+def test_w2_exact_against_known_couplings():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(60, 2))
+    assert metrics.w2_exact(a, a + np.array([3.0, 4.0])) == pytest.approx(5.0)
+    perm = rng.permutation(60)
+    assert metrics.w2_exact(a, a[perm]) == pytest.approx(0.0, abs=1e-12)
+    # unequal sizes: each point duplicated is the same measure
+    assert metrics.w2_exact(a, np.concatenate([a, a]), squared=True) == pytest.approx(0.0, abs=1e-9)
+    b = rng.normal(size=(40, 2))
+    w_lp = metrics.w2_exact(a[:30], b, squared=True)
+    assert w_lp > 0
+
+
+def test_energy_distance_metric_accepts_numpy_and_torch():
+    a = np.random.default_rng(2).normal(size=(100, 2))
+    assert metrics.energy_distance(a, torch.as_tensor(a + 1.0)) > 0.5
