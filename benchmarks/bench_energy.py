@@ -3,6 +3,7 @@
     pytest benchmarks/bench_energy.py --benchmark-only                  # small CPU default
     NCF_BENCH_FULL=1 pytest benchmarks/bench_energy.py --benchmark-only # issue shapes
     NCF_ENERGY_SHAPES=8192x16,65536x16 pytest benchmarks/bench_energy.py ...  # N x d
+    NCF_BENCH_THREADS=1 pytest benchmarks/bench_energy.py ...           # CPU intra-op threads
 
 Shapes: N = M in {8192, 65536, 1e6} x d in {2, 16, 64} with NCF_BENCH_FULL=1; otherwise the
 issue's CPU comparison, N = M = 4096 at d in {2, 16} (the torch path must be no slower than the
@@ -34,6 +35,8 @@ SHAPES = ([(n, d) for n in (8192, 65536, 1_000_000) for d in (2, 16, 64)] if FUL
 if os.environ.get("NCF_ENERGY_SHAPES"):  # e.g. "8192x16,65536x16" (gpu_check.sh)
     SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
 BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
+if os.environ.get("NCF_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["NCF_BENCH_THREADS"]))
 # cdist holds three N x N fp32 distance matrices plus gradient buffers: ~10 N^2 * 4 bytes, and
 # it is only run where that is under half the free memory
 _CDIST_BYTES = 40
