@@ -78,7 +78,7 @@ def _bound_seconds(n, d):
     pairs = 4.0 * n * n
     block_d = max(16, 1 << (d - 1).bit_length())
     tensor = pairs * 2 * 3 * 2 * block_d / 495e12 if d > 4 else 0.0
-    fp32 = pairs * (12 if d > 4 else 3 * d + 10) / 33.5e12
+    fp32 = pairs * (16 if d > 4 else 3 * d + 10) / 33.5e12
     mufu = pairs / 4.2e12
     return max(tensor, fp32, mufu)
 

@@ -38,9 +38,11 @@ Bound on an H200 (value and both gradients, N = M = 1e6, d = 16): the estimator 
 (a, b), (b, a), (a, a), (b, b) passes = 4e12 pairs (3e12 for the value alone). The issue's
 direct form costs 3d + 10 = 58 fp32 flops per pair: 4e12 * 58 / 67e12 flop/s = 3.5 s. GRAM mode
 moves the d-proportional part to tensor cores: 2 dots * 3 (tf32x3) * 2 * 16 = 192 tf32 flops per
-pair -> 1.55 s at 495 TFLOP/s; ~12 fp32 instructions per pair on the CUDA cores -> 1.4 s at
+pair -> 1.55 s at 495 TFLOP/s; ~16 fp32 instructions per pair stay on the CUDA cores (norms,
+d2, the near test and its count, selects, d2 * w, two row sums, the split of w) -> 1.9 s at
 33.5e12 instr/s; one MUFU rsqrt per pair -> 0.96 s at 16 * 132 SMs * 1.98 GHz = 4.2e12/s. The
-three units overlap, so the bound is ~1.6 s (value only: 3e12 pairs, ~0.7 s). Not measured yet.
+units overlap, so the bound is ~1.9 s, CUDA-core bound (value only: 3e12 pairs * ~11
+instructions -> ~1.0 s). Not measured yet: no GPU was available to this work.
 
 Shapes: a (N, d), b (M, d), float32 (the launchers convert other float dtypes and make them
 contiguous); outputs S (N,) float64, Ga (N, d) float32. d <= MAX_D = 64 (at BLOCK_D = 128 the
