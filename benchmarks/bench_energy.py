@@ -33,7 +33,8 @@ FULL = os.environ.get("NCF_BENCH_FULL") == "1"
 SHAPES = ([(n, d) for n in (8192, 65536, 1_000_000) for d in (2, 16, 64)] if FULL
           else [(4096, 2), (4096, 16)])
 if os.environ.get("NCF_ENERGY_SHAPES"):  # e.g. "8192x16,65536x16" (gpu_check.sh)
-    SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
+    SHAPES = [tuple(int(v) for v in s.split("x"))
+              for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
 BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
 if os.environ.get("NCF_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["NCF_BENCH_THREADS"]))

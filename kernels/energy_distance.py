@@ -397,5 +397,6 @@ class _PairDistanceSum(torch.autograd.Function):
 
 
 def pair_distance_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_ij |a_i - b_j| for a (N, d), b (M, d): a differentiable 0-d tensor, O((N + M) d) memory."""
+    """sum_ij |a_i - b_j| for a (N, d), b (M, d): a differentiable 0-d tensor in O((N + M) d)
+    memory."""
     return _PairDistanceSum.apply(a, b)

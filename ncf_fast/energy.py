@@ -220,7 +220,8 @@ def segment_pair_distance_sums(a, b, row_lo, row_hi, col_lo, col_hi, *, grad_a: 
     sums = torch.zeros(k_count, dtype=torch.float64, device=a.device)
     ga = torch.zeros_like(a) if grad_a else None
     gb = torch.zeros_like(b) if grad_b else None
-    bounds = torch.stack([torch.as_tensor(x).long().cpu() for x in (row_lo, row_hi, col_lo, col_hi)])
+    bounds = torch.stack([torch.as_tensor(x).long().cpu()
+                          for x in (row_lo, row_hi, col_lo, col_hi)])
     for k, (r0, r1, c0, c1) in enumerate(bounds.t().tolist()):
         if r1 <= r0 or c1 <= c0:
             continue
@@ -358,7 +359,8 @@ def witness_energy_distance(active: torch.Tensor, passive: torch.Tensor, target:
         with torch.no_grad():
             return _WitnessEnergy.forward(_ValueCtx(), active, passive, target, int(within_rows),
                                           backend)
-    return _WitnessEnergy.apply(active, passive.detach(), target.detach(), int(within_rows), backend)
+    return _WitnessEnergy.apply(active, passive.detach(), target.detach(), int(within_rows),
+                                backend)
 
 
 class _ValueCtx:
@@ -462,7 +464,7 @@ def _check_labels(x, labels, what, side):
 
 
 def class_conditional_energy_distance(a, b, labels_a, labels_b, backend: str = "auto"):
-    """Mean over classes of the per-class energy distances between a[labels_a == k] and b[labels_b == k].
+    """Mean over classes k of the energy distances between a[labels_a == k] and b[labels_b == k].
 
     a (N, d), b (M, d); labels: integer tensors (N,), (M,). Every class present in one set must
     be present in the other (else ValueError); a class with a single sample on one side
@@ -498,7 +500,7 @@ def _segmented_energy(a, b, labels_a, labels_b, classes, backend, what):
 
 
 class _ClassConditionalWitness(torch.autograd.Function):
-    """Mean over classes of the witness estimate (see witness_energy_distance), one pass per term."""
+    """Mean over classes of the witness estimate (witness_energy_distance), one pass per term."""
 
     @staticmethod
     def forward(ctx, a, passive, b, seg_a, seg_p, seg_b, within_rows, backend):
@@ -524,8 +526,8 @@ class _ClassConditionalWitness(torch.autograd.Function):
         ga = None
         if need:
             k = len(lo_a)
-            ga = _unsort(((2.0 / (n * m))[ids_a, None] * g_ab
-                          - (2.0 / (n * kk))[ids_a, None] * g_ap).div(k).to(a.dtype), order_a, a.shape[0])
+            g = ((2.0 / (n * m))[ids_a, None] * g_ab - (2.0 / (n * kk))[ids_a, None] * g_ap) / k
+            ga = _unsort(g.to(a.dtype), order_a, a.shape[0])
         ctx.save_for_backward(ga)
         return value.to(a.dtype)
 

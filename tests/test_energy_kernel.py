@@ -1,4 +1,4 @@
-"""Energy distance at scale: the Triton kernel (interpreted) and the torch path vs float64 brute force.
+"""Energy distance at scale: the Triton kernel (interpreted) and the torch path vs float64.
 
 Covers issue 5's CPU tests: parity of value and both gradients on odd sizes (N != M, N = 1,
 d in DIMS, the kernel's d buckets), duplicate and near points, the class-conditional losses with
@@ -268,7 +268,8 @@ def _clustered(n, d, gen):
 @pytest.mark.parametrize("data", ("gaussian", "clustered"))
 def test_tf32x3_gram_mode_is_as_accurate_as_the_direct_form(d, data):
     """The STYLE tolerance rule against float64, with the float32 direct-difference reference as
-    the yardstick: the tf32x3 model passes; one tf32 pass (a control: the test can fail) does not."""
+    the yardstick: the tf32x3 model passes; one tf32 pass (a control: the test can fail) does
+    not."""
     gen = torch.Generator().manual_seed(d)
     if data == "gaussian":
         a, b = torch.randn(300, d, generator=gen) + 0.5, torch.randn(280, d, generator=gen)

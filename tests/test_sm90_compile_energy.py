@@ -146,6 +146,7 @@ def test_sm90a_compiles_without_spills(sm90_results, index):
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("run without TRITON_INTERPRET=1: the compile check needs real @triton.jit functions")
+        sys.exit("run without TRITON_INTERPRET=1: the compile check needs real @triton.jit "
+                 "functions")
     results = compile_all()
     print(json.dumps(results) if "--json" in sys.argv else _table(results))
