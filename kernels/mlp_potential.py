@@ -150,7 +150,8 @@ def potential_grad_backward(packed, layout, x, t, ubar, pbar):
         _potential_grad_bwd_kernel[(programs,)](
             x, t, ubar.contiguous(), pbar, *packed, *grads, xbar, tbar, ws, n, layout.dim, start,
             x.stride(0), x.stride(1), t.stride(0), pbar.stride(0), pbar.stride(1),
-            **block_constexprs(block_m, layout), PRECISION=dot_precision(), HAS_PBAR=has_pbar,
+            **block_constexprs(block_m, layout, backward=True), PRECISION=dot_precision(),
+            HAS_PBAR=has_pbar,
             num_warps=warps, num_stages=1)
     return grads, xbar, tbar
 

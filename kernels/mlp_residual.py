@@ -239,8 +239,8 @@ def residual_backward(packed, layout, cost, x, t, rbar):
         _residual_bwd_kernel[(programs,)](
             x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n, layout.dim,
             start, x.stride(0), x.stride(1), t.stride(0), q_star,
-            **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
-            num_warps=warps, num_stages=1)
+            **block_constexprs(block_m, layout, backward=True), COST=code,
+            PRECISION=dot_precision(), num_warps=warps, num_stages=1)
     return grads, xbar, tbar
 
 

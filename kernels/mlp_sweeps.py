@@ -27,6 +27,22 @@ to global memory, and the workspace mostly stays in L2. Tiles are written in one
 layout and read back in another, so a tl.debug_barrier() (bar.sync) separates every producer
 phase from its consumers. Weight gradients are reduced across programs with fp32 atomic adds.
 
+Register budget (sm_90a has 255 per thread; tests/test_sm90_compile.py checks every kernel):
+  * workspace and weight offsets are int64 tiles: with int32 offsets every 128-bit vector of a
+    tile needs its own sign-extended 64-bit address per slot, which the compiler keeps live
+    across whole phases (~80 registers); int64 offsets fold the row steps and slot offsets
+    into the load's immediate, one address per tile;
+  * the backward kernels use tiles of 16 columns, BLOCK_H = BLOCK_D = 16
+    (block_constexprs(..., backward=True)): every elementwise activation then holds 8 elements
+    per thread instead of 16 (the tanh/softplus temporaries were the peaks), and so does every
+    [x, t]-sized tile next to the per-row scalars of the power cost;
+  * the weight-gradient GEMMs take plain workspace tiles: the down sweep stages
+    delta_k = g_k s'(a_k) (over zbar_k, in place), z_{k-1} = s(a_{k-1}) (in the free zbar
+    ping-pong slot) and zdot_{k-1} = s'(a_{k-1}) adot_{k-1} (in the input-adjoint slot, written
+    only at the end) once per layer, instead of re-evaluating activations inside every dot;
+    and they compute 64-row output tiles (WGRAD_COLS) so that the product is a wgmma, not an
+    mma.sync with its operands replicated in every warp's registers.
+
 tl.dot input precision: "tf32x3" by default (three TF32 tensor-core products, fp32-level
 accuracy; plain "ieee" fp32 compiles to FMA loops without tensor cores on Hopper); "tf32" is the
 opt-in fast mode (one product, ~1e-3 relative error, see :func:`set_dot_precision`).
@@ -45,6 +61,12 @@ __all__ = ["ACTIVATION_CODES", "MLPLayout", "mlp_layout", "pack_params", "unpack
 
 ACTIVATION_CODES = {"softplus": 0, "tanh": 1, "silu": 2}
 QUADRATIC, POWER = 0, 1
+# Weight-gradient tiles dW[i0:i0+64, j0:j0+w] = sum over rows of abar^T z: 64 output rows make
+# the product a Hopper warpgroup MMA (wgmma m64; fewer rows fall back to mma.sync, whose
+# operands sit in registers, replicated across the 4 warps, which spilled), summed over the
+# row block in chunks of 32 rows (fewer registers than 16- or 64-row chunks on sm_90a).
+WGRAD_COLS = tl.constexpr(64)
+WGRAD_ROWS = tl.constexpr(32)
 
 # Widths above this need a workspace of (programs, slots, 64, width) fp32 tiles large enough
 # (> 100 MB at 512 for a 3-layer backward) that the torch backend's cuBLAS GEMMs are the better tool.
@@ -110,16 +132,9 @@ def _activation(a, ACT: tl.constexpr):
 def tile(ws, slot, col0, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLOT_W: tl.constexpr):
     """Pointers of the (BLOCK_M, WIDTH) column tile at col0 of workspace slot `slot`; every
     slot is a (BLOCK_M, SLOT_W) row-major fp32 tile."""
-    # scalar base + one offset tile shared by every call (CSE): no per-call pointer tiles to
-    # keep alive in registers
-    offs = tl.arange(0, BLOCK_M)[:, None] * SLOT_W + tl.arange(0, WIDTH)[None, :]
-    return (ws + (slot * (BLOCK_M * SLOT_W) + col0)) + offs
-
-
-@triton.jit
-def _tile_t(ws, slot, col0, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, SLOT_W: tl.constexpr):
-    """The same tile transposed, (WIDTH, BLOCK_M): the A operand of the weight-gradient dots."""
-    offs = tl.arange(0, BLOCK_M)[None, :] * SLOT_W + tl.arange(0, WIDTH)[:, None]
+    # scalar base + one int64 offset tile shared by every call (CSE): the row steps fold into
+    # the loads' immediates, so no per-vector, per-slot pointers stay alive in registers
+    offs = tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * SLOT_W + tl.arange(0, WIDTH)[None, :]
     return (ws + (slot * (BLOCK_M * SLOT_W) + col0)) + offs
 
 
@@ -129,9 +144,9 @@ def _weight_tile(w_ptr, r0, c0, LD: tl.constexpr, ROWS: tl.constexpr, COLS: tl.c
     """Pointers of W[r0:r0+ROWS, c0:c0+COLS] of a row-major matrix with row length LD, or of
     its transpose (COLS, ROWS) with TRANS."""
     if TRANS:
-        offs = tl.arange(0, ROWS)[None, :] * LD + tl.arange(0, COLS)[:, None]
+        offs = tl.arange(0, ROWS).to(tl.int64)[None, :] * LD + tl.arange(0, COLS)[:, None]
     else:
-        offs = tl.arange(0, ROWS)[:, None] * LD + tl.arange(0, COLS)[None, :]
+        offs = tl.arange(0, ROWS).to(tl.int64)[:, None] * LD + tl.arange(0, COLS)[None, :]
     return (w_ptr + (r0 * LD + c0)) + offs
 
 
@@ -222,29 +237,67 @@ def tangent_sweep(ws, ZD, A0, T0, w1_ptr, wh_ptr,
 
 
 @triton.jit
-def _adjoint_preactivation(ws, k, zb_slot, gb_ptr, A0, G0, T0, AB,
+def _adjoint_preactivation(ws, k, zb_slot, gb_ptr, A0, G0, T0, AB, ZS, ZDS,
                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, H_PAD: tl.constexpr,
                            SLOT_W: tl.constexpr, ACT: tl.constexpr, SECOND: tl.constexpr,
-                           ACCUM: tl.constexpr):
-    """abar_k = zbar_k s'(a_k) [+ g_k s''(a_k) adot_k] into slot AB; db_k += its column sums."""
+                           ACCUM: tl.constexpr, STAGE_IN: tl.constexpr):
+    """abar_k = zbar_k s'(a_k) [+ g_k s''(a_k) adot_k] into slot AB; with ACCUM db_k += its
+    column sums and the weight-gradient operands are staged as plain tiles: [delta_k =
+    g_k s'(a_k) over zbar_k in zb_slot (SECOND)], and with STAGE_IN the layer input
+    z_{k-1} = s(a_{k-1}) into slot ZS [and zdot_{k-1} = s'(a_{k-1}) adot_{k-1} into ZDS]."""
     rh = tl.arange(0, BLOCK_H)
     for n0 in range(0, H_PAD, BLOCK_H):
         _, d1, d2 = _activation(tl.load(tile(ws, A0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
-        abar = tl.load(tile(ws, zb_slot, n0, BLOCK_M, BLOCK_H, SLOT_W)) * d1
+        zb_ptrs = tile(ws, zb_slot, n0, BLOCK_M, BLOCK_H, SLOT_W)
+        abar = tl.load(zb_ptrs) * d1
         if SECOND:
-            abar += (tl.load(tile(ws, G0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)) * d2
-                     * tl.load(tile(ws, T0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W)))
+            g = tl.load(tile(ws, G0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W))
+            abar += g * d2 * tl.load(tile(ws, T0 + k, n0, BLOCK_M, BLOCK_H, SLOT_W))
+            if ACCUM:  # in place: every thread rewrites only the zbar_k elements it just read
+                tl.store(zb_ptrs, g * d1)
         tl.store(tile(ws, AB, n0, BLOCK_M, BLOCK_H, SLOT_W), abar)
         if ACCUM:
             tl.atomic_add(gb_ptr + k * H_PAD + n0 + rh, tl.sum(abar, axis=0))
+    if ACCUM and STAGE_IN:  # a loop of its own: one activation's temporaries live at a time
+        for n0 in range(0, H_PAD, BLOCK_H):
+            z, e1, _ = _activation(tl.load(tile(ws, A0 + k - 1, n0, BLOCK_M, BLOCK_H, SLOT_W)),
+                                   ACT)
+            tl.store(tile(ws, ZS, n0, BLOCK_M, BLOCK_H, SLOT_W), z)
+            if SECOND:
+                tl.store(tile(ws, ZDS, n0, BLOCK_M, BLOCK_H, SLOT_W),
+                         e1 * tl.load(tile(ws, T0 + k - 1, n0, BLOCK_M, BLOCK_H, SLOT_W)))
 
 
 @triton.jit
-def _delta_t(ws, k, i0, A0, G0, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-             SLOT_W: tl.constexpr, ACT: tl.constexpr):
-    """delta_k^T = (g_k s'(a_k))^T for columns i0: (BLOCK_H, BLOCK_M)."""
-    _, d1, _ = _activation(tl.load(tile(ws, A0 + k, i0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
-    return tl.trans(tl.load(tile(ws, G0 + k, i0, BLOCK_M, BLOCK_H, SLOT_W)) * d1)
+def _row_tile(ws, slot, m0, col0, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+              BLOCK_M: tl.constexpr, SLOT_W: tl.constexpr):
+    """Pointers of rows m0:m0+ROWS, columns col0:col0+WIDTH of workspace slot `slot`."""
+    offs = tl.arange(0, ROWS).to(tl.int64)[:, None] * SLOT_W + tl.arange(0, WIDTH)[None, :]
+    return (ws + (slot * (BLOCK_M * SLOT_W) + m0 * SLOT_W + col0)) + offs
+
+
+@triton.jit
+def _weight_grad_tile(ws, AB, DELTA, ZIN, ZDIN, i0, j0, gw_ptr, LD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, H_PAD: tl.constexpr,
+                      SLOT_W: tl.constexpr, PRECISION: tl.constexpr, SECOND: tl.constexpr):
+    """gw[i0:i0+WGRAD_COLS, j0:j0+WIDTH] += abar^T zin [+ delta^T zdin] over the block's rows:
+    abar, delta columns i0.. of slots AB, DELTA (columns >= H_PAD masked to zero), zin, zdin
+    columns j0.. of slots ZIN, ZDIN; every operand a plain workspace tile."""
+    ri = i0 + tl.arange(0, WGRAD_COLS)
+    i_ok = ri < H_PAD
+    acc = tl.zeros((WGRAD_COLS, WIDTH), dtype=tl.float32)
+    for m0 in range(0, BLOCK_M, WGRAD_ROWS):
+        abar = tl.load(_row_tile(ws, AB, m0, i0, WGRAD_ROWS, WGRAD_COLS, BLOCK_M, SLOT_W),
+                       mask=i_ok[None, :], other=0.0)
+        z = tl.load(_row_tile(ws, ZIN, m0, j0, WGRAD_ROWS, WIDTH, BLOCK_M, SLOT_W))
+        acc += tl.dot(tl.trans(abar), z, input_precision=PRECISION)
+        if SECOND:
+            delta = tl.load(_row_tile(ws, DELTA, m0, i0, WGRAD_ROWS, WGRAD_COLS, BLOCK_M, SLOT_W),
+                            mask=i_ok[None, :], other=0.0)
+            zdot = tl.load(_row_tile(ws, ZDIN, m0, j0, WGRAD_ROWS, WIDTH, BLOCK_M, SLOT_W))
+            acc += tl.dot(tl.trans(delta), zdot, input_precision=PRECISION)
+    tl.atomic_add(_weight_tile(gw_ptr, i0, j0, LD, WGRAD_COLS, WIDTH, False), acc,
+                  mask=i_ok[:, None])
 
 
 @triton.jit
@@ -288,23 +341,21 @@ def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
     # hidden-to-hidden layers k = L-1 .. 1
     for kk in range(0, N_HIDDEN - 1):
         k = top - kk
-        _adjoint_preactivation(ws, k, _zbar_slot(k, G0, ZB0, STORE_G), gb_ptr, A0, G0, T0, AB,
-                               BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM)
+        zb_k = _zbar_slot(k, G0, ZB0, STORE_G)
+        # with ACCUM: delta_k over zbar_k, z_{k-1} into the free ping-pong slot (zbar_{k-1} is
+        # written after the weight gradient), zdot_{k-1} into ZBAR (written only at the end)
+        zs = _zbar_slot(k - 1, G0, ZB0, STORE_G)
+        _adjoint_preactivation(ws, k, zb_k, gb_ptr, A0, G0, T0, AB, zs, ZBAR,
+                               BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM, True)
         tl.debug_barrier()
         w_k = wh_ptr + (k - 1) * (H_PAD * H_PAD)
         if ACCUM:  # dW_k += abar_k^T z_{k-1} [+ delta_k^T zdot_{k-1}]
             gw_k = gwh_ptr + (k - 1) * (H_PAD * H_PAD)
-            for i0 in range(0, H_PAD, BLOCK_H):
+            for i0 in range(0, H_PAD, WGRAD_COLS):
                 for j0 in range(0, H_PAD, BLOCK_H):
-                    z, d1, _ = _activation(
-                        tl.load(tile(ws, A0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W)), ACT)
-                    acc = tl.dot(tl.trans(tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))), z,
-                                 input_precision=PRECISION)
-                    if SECOND:
-                        zdot = d1 * tl.load(tile(ws, T0 + k - 1, j0, BLOCK_M, BLOCK_H, SLOT_W))
-                        acc += tl.dot(_delta_t(ws, k, i0, A0, G0, BLOCK_M, BLOCK_H, SLOT_W, ACT),
-                                      zdot, input_precision=PRECISION)
-                    tl.atomic_add(_weight_tile(gw_k, i0, j0, H_PAD, BLOCK_H, BLOCK_H, False), acc)
+                    _weight_grad_tile(ws, AB, zb_k, zs, ZBAR, i0, j0, gw_k, H_PAD, BLOCK_M,
+                                      BLOCK_H, H_PAD, SLOT_W, PRECISION, SECOND)
+            tl.debug_barrier()  # zs is overwritten by zbar_{k-1} below
         # zbar_{k-1} = abar_k W_k
         for j0 in range(0, H_PAD, BLOCK_H):
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -312,24 +363,18 @@ def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
                 abar = tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))
                 w = tl.load(_weight_tile(w_k, i0, j0, H_PAD, BLOCK_H, BLOCK_H, False))
                 acc += tl.dot(abar, w, input_precision=PRECISION)
-            tl.store(tile(ws, _zbar_slot(k - 1, G0, ZB0, STORE_G), j0, BLOCK_M, BLOCK_H, SLOT_W),
-                     acc)
+            tl.store(tile(ws, zs, j0, BLOCK_M, BLOCK_H, SLOT_W), acc)
         tl.debug_barrier()
     # the input layer k = 0, whose input [x, t] (tangent [pbar, 0]) is in slot Z (ZD)
-    _adjoint_preactivation(ws, 0, _zbar_slot(0, G0, ZB0, STORE_G), gb_ptr, A0, G0, T0, AB,
-                           BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM)
+    zb_0 = _zbar_slot(0, G0, ZB0, STORE_G)
+    _adjoint_preactivation(ws, 0, zb_0, gb_ptr, A0, G0, T0, AB, Z, ZD,
+                           BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM, False)
     tl.debug_barrier()
     if ACCUM:
-        for i0 in range(0, H_PAD, BLOCK_H):
+        for i0 in range(0, H_PAD, WGRAD_COLS):
             for d0 in range(0, D_PAD, BLOCK_D):
-                acc = tl.dot(tl.trans(tl.load(tile(ws, AB, i0, BLOCK_M, BLOCK_H, SLOT_W))),
-                             tl.load(tile(ws, Z, d0, BLOCK_M, BLOCK_D, SLOT_W)),
-                             input_precision=PRECISION)
-                if SECOND:
-                    acc += tl.dot(_delta_t(ws, 0, i0, A0, G0, BLOCK_M, BLOCK_H, SLOT_W, ACT),
-                                  tl.load(tile(ws, ZD, d0, BLOCK_M, BLOCK_D, SLOT_W)),
-                                  input_precision=PRECISION)
-                tl.atomic_add(_weight_tile(gw1_ptr, i0, d0, D_PAD, BLOCK_H, BLOCK_D, False), acc)
+                _weight_grad_tile(ws, AB, zb_0, Z, ZD, i0, d0, gw1_ptr, D_PAD, BLOCK_M,
+                                  BLOCK_D, H_PAD, SLOT_W, PRECISION, SECOND)
     for d0 in range(0, D_PAD, BLOCK_D):
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for i0 in range(0, H_PAD, BLOCK_H):
@@ -349,7 +394,7 @@ class MLPLayout(NamedTuple):
     n_hidden: int             # L
     h_pad: int                # hidden widths padded to a multiple of block_h
     d_pad: int                # d + 1 padded to a power of two >= 16
-    block_h: int              # tile width of every hidden-layer GEMM
+    block_h: int              # tile width of the forward kernels' hidden-layer GEMMs
     block_d: int              # tile width over the input columns [x, t]
     slot_w: int               # row length of a workspace slot: max(h_pad, d_pad)
     act: int                  # ACTIVATION_CODES value
@@ -401,9 +446,10 @@ def mlp_layout(params, act: str, x: torch.Tensor, t: torch.Tensor) -> MLPLayout:
     if max(widths) > MAX_WIDTH:
         raise _fallback(f"the triton kernels support hidden widths <= {MAX_WIDTH}, "
                         f"got {max(widths)}")
-    # 32-column tiles: with tf32x3 every dot operand is split into hi/lo halves in registers,
-    # and 64-column tiles spilled on sm_90a (tests/test_sm90_compile.py); networks of width
-    # <= 16 use 16 (the minimum tl.dot dimension)
+    # 32-column tiles for the forward kernels: with tf32x3 every dot operand is split into
+    # hi/lo halves in registers, and 64-column tiles spilled on sm_90a
+    # (tests/test_sm90_compile.py); networks of width <= 16 use 16 (the minimum tl.dot
+    # dimension), and so do the backward kernels (BACKWARD_TILE)
     block_h = 16 if max(widths) <= 16 else 32
     h_pad = -(-max(widths) // block_h) * block_h
     d_pad = max(16, _next_pow2(d + 1))
@@ -447,9 +493,17 @@ def unpack_grads(grads, layout: MLPLayout):
     return out
 
 
-def block_constexprs(block_m: int, layout: MLPLayout) -> dict:
-    """The tile-shape constexprs every MLP kernel takes."""
-    return dict(BLOCK_M=block_m, BLOCK_H=layout.block_h, BLOCK_D=layout.block_d,
+BACKWARD_TILE = 16  # BLOCK_H and BLOCK_D of the backward kernels: 8 elements per thread per
+                    # (64, 16) tile (why: the module docstring's register budget)
+
+
+def block_constexprs(block_m: int, layout: MLPLayout, backward: bool = False) -> dict:
+    """The tile-shape constexprs every MLP kernel takes (BLOCK_H = BLOCK_D = BACKWARD_TILE for
+    the backward kernels; h_pad and d_pad are multiples of it)."""
+    block_h = BACKWARD_TILE if backward else layout.block_h
+    block_d = BACKWARD_TILE if backward else layout.block_d
+    assert layout.h_pad % block_h == 0 and layout.d_pad % block_d == 0
+    return dict(BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_D=block_d,
                 H_PAD=layout.h_pad, D_PAD=layout.d_pad, SLOT_W=layout.slot_w,
                 N_HIDDEN=layout.n_hidden, ACT=layout.act)
 
