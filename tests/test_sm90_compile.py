@@ -8,16 +8,14 @@ bytes (stores and loads), metadata.shared <= 227 KB, and the dots became tensor-
 instructions (wgmma or mma in the ptx). The compiles run in a subprocess started without
 TRITON_INTERPRET (under the interpreter @triton.jit returns an interpreted function).
 
-Configurations (CONFIGS below; 10 compiles in 2 worker processes, ~2-3 minutes on 2 cores; the
-backward kernels take 30-60 s each): every kernel (potential forward, potential backward with
-and without pbar, residual forward and backward) at depth 3, H_PAD 128 (tiles of 32), d bucket
-32, softplus, quadratic, tf32x3; then the extremes the launchers can pick: H_PAD 256 with
-D_PAD 128 (forward kernels, silu + power, and the tf32 fast mode), the narrowest class
-(H_PAD 16 / tiles of 16, D_PAD 16, depth 1, tanh, power) and H_PAD 256 / D_PAD 64 (backward).
-
-Known failure (strict xfail below, so fixing it turns the test red until the mark goes): the
-backward kernels use 255 registers and spill (hundreds of bytes) on sm_90a; the forward
-kernels compile without spills.
+Configurations (CONFIGS below; 13 compiles in 2 worker processes, about 1-2 minutes on 2 cores
+from a cold cache): every kernel (potential forward, potential backward with and without pbar,
+residual forward and backward) at depth 3, H_PAD 128, d bucket 32, softplus, quadratic,
+tf32x3, with the tile widths the launchers pick (BLOCK_H 32 and BLOCK_D min(D_PAD, 32)
+forward, 16 and 16 backward: block_constexprs(..., backward=True)); then the extremes: H_PAD 256 with D_PAD 128 (silu +
+power, and the tf32 fast mode, forward and backward), the narrowest class (H_PAD 16 / tiles of
+16, D_PAD 16, depth 1, tanh, power), tanh (the activation with the most temporaries) in both
+backward kernels, H_PAD 96 (weight-gradient tiles of 64 rows partly masked) and depth 2.
 
 Run as a script to print the register / spill / shared-memory table for benchmarks/RESULTS.md:
     python tests/test_sm90_compile.py
@@ -43,16 +41,25 @@ _KERNELS = ("potential_fwd", "potential_bwd", "potential_bwd_nopbar", "residual_
             "residual_bwd")
 
 
+BACKWARD_TILE = 16  # kernels.mlp_sweeps.BACKWARD_TILE (checked in _compile_one)
+
+
 def _configs():
     base = [dict(_BASE, kernel=k) for k in _KERNELS]
-    return base + [
+    configs = base + [
         dict(_BASE, kernel="residual_fwd", h_pad=256, d_pad=128, act="silu", cost="power"),
         dict(_BASE, kernel="potential_fwd", h_pad=256, d_pad=128, precision="tf32"),
         dict(_BASE, kernel="residual_fwd", h_pad=32, d_pad=16, act="tanh"),
         dict(_BASE, kernel="residual_bwd", h_pad=16, block_h=16, d_pad=16, n_hidden=1,
              act="tanh", cost="power"),
         dict(_BASE, kernel="potential_bwd", h_pad=256, d_pad=64, n_hidden=2, act="silu"),
+        dict(_BASE, kernel="residual_bwd", act="tanh", cost="power"),
+        dict(_BASE, kernel="potential_bwd", h_pad=96, d_pad=128, act="tanh"),
+        dict(_BASE, kernel="residual_bwd", h_pad=256, d_pad=128, act="silu", precision="tf32"),
     ]
+    # the backward launchers use BLOCK_H = BLOCK_D = 16 whatever the width class and d bucket
+    return [dict(c, block_h=BACKWARD_TILE, block_d=BACKWARD_TILE) if "bwd" in c["kernel"] else
+            dict(c, block_d=min(c["d_pad"], 32)) for c in configs]
 
 
 CONFIGS = _configs()
@@ -64,16 +71,18 @@ def _compile_one(cfg: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ncf_fast.kernels import mlp_potential, mlp_residual
+    from ncf_fast.kernels import mlp_potential, mlp_residual, mlp_sweeps
     from ncf_fast.kernels.mlp_sweeps import ACTIVATION_CODES
 
+    assert mlp_sweeps.BACKWARD_TILE == BACKWARD_TILE, "update BACKWARD_TILE here"
     kind = cfg["kernel"]
     fn = {"potential_fwd": mlp_potential._potential_grad_fwd_kernel,
           "potential_bwd": mlp_potential._potential_grad_bwd_kernel,
           "potential_bwd_nopbar": mlp_potential._potential_grad_bwd_kernel,
           "residual_fwd": mlp_residual._residual_fwd_kernel,
           "residual_bwd": mlp_residual._residual_bwd_kernel}[kind]
-    constexprs = dict(BLOCK_M=cfg.get("block_m", 64), BLOCK_H=cfg["block_h"], BLOCK_D=min(cfg["d_pad"], 32),
+    constexprs = dict(BLOCK_M=cfg.get("block_m", 64), BLOCK_H=cfg["block_h"],
+                      BLOCK_D=cfg["block_d"],
                       H_PAD=cfg["h_pad"], D_PAD=cfg["d_pad"],
                       SLOT_W=max(cfg["h_pad"], cfg["d_pad"]), N_HIDDEN=cfg["n_hidden"],
                       ACT=ACTIVATION_CODES[cfg["act"]], PRECISION=cfg["precision"])
@@ -134,17 +143,17 @@ def compile_all(workers: int = 2) -> list[dict]:
 
 
 def _table(results) -> str:
-    lines = ["| kernel | H_PAD/BLOCK_H | D_PAD | L | act | cost | precision | regs | spills "
+    lines = ["| kernel | H_PAD/BLOCK_H | D_PAD/BLOCK_D | L | act | cost | precision | regs | spills "
              "(st/ld) | shared KB | tensor cores |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cost = r["cost"] if r["kernel"].startswith("residual") else "-"
         tc = "wgmma" if r.get("wgmma") else ("mma" if r.get("mma") else "NONE")
-        lines.append(f"| {r['kernel']} | {r['h_pad']}/{r['block_h']} | {r['d_pad']} | "
+        lines.append(f"| {r['kernel']} | {r['h_pad']}/{r['block_h']} | {r['d_pad']}/{r['block_d']} | "
                      f"{r['n_hidden']} | {r['act']} | {cost} | {r['precision']} | "
                      f"{r.get('registers')} | {r.get('spill_stores')}/{r.get('spill_loads')} | "
                      f"{r.get('shared', 0) / 1024:.1f} | {tc} |" if r["ok"] else
-                     f"| {r['kernel']} | {r['h_pad']}/{r['block_h']} | {r['d_pad']} | "
+                     f"| {r['kernel']} | {r['h_pad']}/{r['block_h']} | {r['d_pad']}/{r['block_d']} | "
                      f"{r['n_hidden']} | {r['act']} | {cost} | {r['precision']} | FAILED | | | |")
     return "\n".join(lines)
 
@@ -169,18 +178,11 @@ def test_sm90a_compiles(sm90_results, index):
     assert not r["nc_loads"], "ld.global.nc in the ptx"
 
 
-def _spill_param(index):
-    backward = "bwd" in CONFIGS[index]["kernel"]
-    marks = [pytest.mark.xfail(strict=True, reason="backward kernels spill on sm_90a (255 "
-                               "registers); see the module docstring")] if backward else []
-    return pytest.param(index, marks=marks, id=_ID[index])
-
-
 _ID = [f"{c['kernel']}-h{c['h_pad']}-d{c['d_pad']}-L{c['n_hidden']}-{c['act']}-{c['cost']}-"
        f"{c['precision']}" for c in CONFIGS]
 
 
-@pytest.mark.parametrize("index", [_spill_param(i) for i in range(len(CONFIGS))])
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=lambda i: _ID[i])
 def test_sm90a_no_spills(sm90_results, index):
     r = sm90_results[index]
     assert r["ok"], r["error"]
