@@ -124,7 +124,7 @@ def _torch_pair_sums(a, b, grad_a, grad_b, same):
                 for k in range(1, d):
                     d2.addcmul_(diffs[k], diffs[k])
                 dist = d2.sqrt_()  # the diagonal of a same pass is exactly 0 here
-                total += dist.sum(dtype=torch.float64)
+                total += dist.sum(1).sum(dtype=torch.float64)  # fp32 rows of <= _BLOCK_COLS, then fp64
                 if not (grad_a or grad_b):
                     continue
                 w = torch.nan_to_num_(dist.reciprocal_(), posinf=0.0)  # u(0) = 0
@@ -149,7 +149,7 @@ def _torch_pair_sums(a, b, grad_a, grad_b, same):
             dist = d2.clamp_min_(0.0).sqrt_()
             if same:
                 dist.diagonal(offset=diag).fill_(0.0)
-            total += dist.sum(dtype=torch.float64)
+            total += dist.sum(1).sum(dtype=torch.float64)
             if not (grad_a or grad_b):
                 continue
             # Gram-form gradient sum_j w_ij (a_i - b_j) with w = 1/|a_i - b_j| for the regular

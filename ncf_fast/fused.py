@@ -162,8 +162,16 @@ def potential(params, act, x, t):
 
 
 def potential_and_grad(params, act, x, t):
-    """(u, grad_x u): x (N, d), t (N, 1) -> (N,), (N, d); differentiable in params and x."""
-    return PotentialAndGrad.apply(act, True, x, t, *params)
+    """(u, grad_x u): x (N, d), t (N, 1) -> (N,), (N, d); differentiable in params and x.
+
+    With autograd off (maps, passive samples) only the two sweeps run: no sigma'', nothing saved.
+    """
+    if torch.is_grad_enabled():
+        return PotentialAndGrad.apply(act, True, x, t, *params)
+    outs = [_sweep(params, act, x[rows], t[rows], True, order=1)[:2] for rows in _blocks(x.shape[0])]
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat([u for u, _ in outs]), torch.cat([p for _, p in outs])
 
 
 def characteristic_residual(params, act, cost, x, t):
