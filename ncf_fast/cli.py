@@ -34,6 +34,7 @@ import torch
 
 from . import __version__
 from . import config as config_mod
+from . import distributed
 from .estimator import NCF, default_hidden, read_checkpoint, save_atomic
 
 __all__ = ["main", "CLIError"]
@@ -61,7 +62,7 @@ class _Interrupted(Exception):
 
 
 def _info(args, msg: str):
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and distributed.is_main():  # torchrun: rank 0 speaks
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -142,7 +143,14 @@ def _fingerprint(arr: np.ndarray) -> str:
 
 # ---------------------------------------------------------------------------------- device
 def resolve_device(gpu: str | None) -> torch.device:
-    """--gpu ID|cpu -> torch.device; no flag: CUDA device 0 if available, else the CPU."""
+    """--gpu ID|cpu -> torch.device; no flag: CUDA device 0 if available, else the CPU.
+
+    Under torchrun with K > 1 processes rank r uses cuda:LOCAL_RANK (or --gpu cpu)."""
+    if distributed.launched() and str(gpu).strip().lower() != "cpu":
+        if gpu is not None:
+            raise CLIError(f"--gpu {gpu}: under torchrun each rank uses cuda:LOCAL_RANK; choose "
+                           "the GPUs with CUDA_VISIBLE_DEVICES (or pass --gpu cpu)")
+        return torch.device(distributed.default_device() or "cpu")
     if gpu is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     text = str(gpu).strip().lower()
@@ -340,44 +348,61 @@ def _build(cfg: dict, data: dict, device) -> tuple[NCF, object]:
 def cmd_train(args) -> int:
     device = resolve_device(args.gpu)
     if args.resume:
-        return _resume(args, device)
+        return _resume(args, device, distributed.setup(device))
     cfg = _load_config(args)
     paths = {k: _resolve(args.data_dir, getattr(args, k))
              for k in ("input", "output", "input_labels", "output_labels")}
     data = _load_data(paths)
     ncf, trainer = _build(cfg, data, device)
-    home = _check_home(args.home_dir or os.getcwd())
-    return _start_run(args, cfg, data, paths, ncf, trainer, home, problem=None)
+    return _start_run(args, cfg, data, paths, ncf, trainer, args.home_dir or os.getcwd(),
+                      problem=None)
 
 
 def _start_run(args, cfg, data, paths, ncf, trainer, home, problem) -> int:
-    run_dir, created = _create_run_dir(home, cfg["run.expname"])
+    def create():
+        run_dir, created = _create_run_dir(_check_home(home), cfg["run.expname"])
+        try:
+            if problem is not None:  # the demo keeps its data in the run folder, so it can resume
+                os.mkdir(os.path.join(run_dir, "data"))
+                for key, name in (("input", "source.npy"), ("output", "target.npy")):
+                    paths[key] = os.path.join(run_dir, "data", name)
+                    _write_npy(paths[key], data[key])
+            run = {"config": cfg, "paths": paths, "problem": problem, "seconds": 0.0,
+                   "fingerprints": {k: _fingerprint(v) for k, v in data.items() if v is not None},
+                   "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "argv": sys.argv[1:], "ncf_fast": __version__, "torch": str(torch.__version__),
+                   "device": str(ncf.device)}
+            if trainer.dist is not None:
+                run["ranks"] = trainer.dist.world_size
+            _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
+            _write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=2) + "\n")
+        except BaseException:
+            _remove_run(run_dir, created)
+            raise
+        return run_dir, created, run
+
+    main = trainer.dist is None or trainer.dist.is_main
+    # torchrun: rank 0 alone makes the one run folder and names it to the others
+    run_dir, created, run = create() if trainer.dist is None else trainer.dist.run_on_main(create)
     try:
-        if problem is not None:  # the demo keeps its data in the run folder, so it can resume
-            os.mkdir(os.path.join(run_dir, "data"))
-            for key, name in (("input", "source.npy"), ("output", "target.npy")):
-                paths[key] = os.path.join(run_dir, "data", name)
-                _write_npy(paths[key], data[key])
-        run = {"config": cfg, "paths": paths, "problem": problem, "seconds": 0.0,
-               "fingerprints": {k: _fingerprint(v) for k, v in data.items() if v is not None},
-               "created": datetime.datetime.now().isoformat(timespec="seconds"),
-               "argv": sys.argv[1:], "ncf_fast": __version__, "torch": str(torch.__version__),
-               "device": str(ncf.device)}
-        _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
-        _write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=2) + "\n")
         _info(args, f"run folder {run_dir}\n{ncf!r}, {data['input'].shape[0]} source and "
-                    f"{data['output'].shape[0]} target samples")
+                    f"{data['output'].shape[0]} target samples"
+              + (f", {trainer.dist.world_size} ranks" if trainer.dist is not None else ""))
         return _train_and_finish(args, run_dir, run, ncf, trainer, data)
     except BaseException:
-        if not os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
+        if main and not os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
             _remove_run(run_dir, created)  # failed before the first checkpoint: leave nothing
         raise
 
 
-def _resume(args, device) -> int:
-    ckpt_path = _checkpoint_file(args.resume)
+def _resume(args, device, ctx=None) -> int:
+    """ctx: the DistContext under torchrun (rank 0 reads the checkpoint, every rank gets it)."""
+    def read():
+        path = _checkpoint_file(args.resume)
+        return path, _read_checkpoint(path)
+
+    ckpt_path, ckpt = read() if ctx is None else ctx.run_on_main(read)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-    ckpt = _read_checkpoint(ckpt_path)
     if "trainer" not in ckpt or "run" not in ckpt:
         raise CLIError(f"{ckpt_path}: has no trainer state (not written by ncf-fast train); it can be "
                        "used with transport/evaluate but not resumed")
@@ -437,13 +462,17 @@ def _resume(args, device) -> int:
         raise CLIError(f"{ckpt_path}: cannot resume from this checkpoint ({_first_line(exc)})") from None
     run["config"] = cfg
     run["paths"] = paths
-    _truncate_log(os.path.join(run_dir, "log.csv"), step)
-    for name in os.listdir(os.path.join(run_dir, "checkpoints")):
-        if name.startswith(".tmp-"):  # a write cut short by a crash
-            os.unlink(os.path.join(run_dir, "checkpoints", name))
-    if cfg != saved:
-        _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
-    _info(args, f"resuming {run_dir} at step {step} of {cfg['train.steps']}")
+    if ctx is None or ctx.is_main:  # only rank 0 touches the run folder
+        _truncate_log(os.path.join(run_dir, "log.csv"), step)
+        for name in os.listdir(os.path.join(run_dir, "checkpoints")):
+            if name.startswith(".tmp-"):  # a write cut short by a crash
+                os.unlink(os.path.join(run_dir, "checkpoints", name))
+        if cfg != saved:
+            _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
+    if ctx is not None:
+        run["ranks"] = ctx.world_size
+    _info(args, f"resuming {run_dir} at step {step} of {cfg['train.steps']}"
+          + (f" on {ctx.world_size} ranks" if ctx is not None else ""))
     return _train_and_finish(args, run_dir, run, ncf, trainer, data)
 
 
@@ -460,18 +489,31 @@ def _truncate_log(path: str, step: int):
 
 
 class _StopSignals:
-    """First Ctrl-C / SIGTERM: finish the current step, save, exit 130. Second: stop at once."""
+    """First Ctrl-C / SIGTERM: finish the current step, save, exit 130. Second: stop at once.
 
-    def __init__(self):
+    Under torchrun (``dist``, a DistContext) the request travels with the next gradient
+    all-reduce, so every rank stops after the same step; a second signal within
+    _REPEAT_WINDOW seconds is the same request (torchrun forwards the terminal's Ctrl-C to
+    workers that received it already).
+    """
+    _REPEAT_WINDOW = 2.0
+
+    def __init__(self, dist=None):
         self.stop = False
+        self.dist, self.first = dist, 0.0
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.stop:
+            if self.dist is not None and time.monotonic() - self.first < self._REPEAT_WINDOW:
+                return
             raise KeyboardInterrupt
-        self.stop = True
-        print("\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to abort "
-              "without saving)", file=sys.stderr, flush=True)
+        self.stop, self.first = True, time.monotonic()
+        if self.dist is not None:
+            self.dist.stop_requested = True
+        if distributed.is_main():
+            print("\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to abort "
+                  "without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -493,7 +535,9 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
     every = cfg["run.checkpoint_every"]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     log_path = os.path.join(run_dir, "log.csv")
-    if not os.path.exists(log_path):
+    ctx = trainer.dist  # torchrun: every rank trains, rank 0 alone writes (main)
+    main = ctx is None or ctx.is_main
+    if main and not os.path.exists(log_path):
         _write_text(log_path, ",".join(LOG_COLUMNS) + "\n")
     rows: list[str] = []
     base_seconds, start = float(run.get("seconds", 0.0)), time.perf_counter()
@@ -503,6 +547,11 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
         return base_seconds + time.perf_counter() - start
 
     def save(periodic: bool):
+        # every rank's random stream and passive queue, so that a resume with as many ranks is
+        # exact (a collective: every rank calls save at the same steps)
+        ranks = ctx.gather_objects(_rank_stream(trainer)) if ctx is not None else None
+        if not main:
+            return
         if rows:  # the log first: on a crash it may run ahead of the checkpoint, never behind
             with open(log_path, "a") as f:
                 f.write("".join(rows))
@@ -510,6 +559,8 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
                 os.fsync(f.fileno())
             rows.clear()
         ckpt = ncf.to_checkpoint(include_trainer=True)
+        if ranks is not None:
+            ckpt["trainer"]["ranks"] = ranks
         ckpt["run"] = {**run, "seconds": seconds()}
         step = trainer.step_count
         if periodic:
@@ -517,17 +568,20 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
         save_atomic(ckpt, os.path.join(ckpt_dir, "latest.pt"))
 
     bar = tqdm(total=total, initial=trainer.step_count, unit="step", desc="NCF", dynamic_ncols=True,
-               disable=args.quiet, file=sys.stderr, mininterval=0.25)
+               disable=args.quiet or not main, file=sys.stderr, mininterval=0.25)
     rate = {"t": time.perf_counter(), "step": trainer.step_count}
     post = {}
 
-    with _StopSignals() as signals:
+    with _StopSignals(ctx) as signals:
+        def stopping():  # under torchrun: the request every rank agreed on in the last step
+            return ctx.stop_agreed if ctx is not None else signals.stop
+
         def callback(step, logs):
             rows.append(f"{step},{logs['hj']:.9g},{logs['mmd']:.9g},{logs['lr']:.9g},{seconds():.3f}\n")
             post.update(L_HJ=f"{logs['hj']:.2e}", L_MMD=f"{logs['mmd']:.2e}", lr=f"{logs['lr']:.1e}")
             if "heldout" in logs:
                 post["ED_heldout"] = f"{logs['heldout']:.2e}"
-                if args.quiet:
+                if args.quiet and main:
                     now = time.perf_counter()
                     speed = (step - rate["step"]) / max(now - rate["t"], 1e-9)
                     rate.update(t=now, step=step)
@@ -538,24 +592,36 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
             bar.update(1)
             if step % every == 0 and step < total:
                 save(periodic=True)
-            return signals.stop
+            return stopping()
 
         try:
             trainer.run(progress=False, callback=callback, history=ncf.history)
         finally:
             bar.close()
-        if signals.stop and trainer.step_count < total:
+        if stopping() and trainer.step_count < total:
             save(periodic=False)
+            if not main:
+                return EXIT_INTERRUPTED
             print(f"interrupted at step {trainer.step_count}/{total}; checkpoint saved. Resume with: "
                   f"ncf-fast train --resume {run_dir}", file=sys.stderr, flush=True)
             print(run_dir, flush=True)
             return EXIT_INTERRUPTED
-        if trainer.step_count != first_step or not os.path.exists(
-                os.path.join(ckpt_dir, f"step_{trainer.step_count:06d}.pt")):
+        final = trainer.step_count != first_step or not os.path.exists(
+            os.path.join(ckpt_dir, f"step_{trainer.step_count:06d}.pt"))
+        if ctx is not None:  # rank 0 decides, every rank joins the save
+            final = ctx.broadcast_object(final)
+        if final:
             save(periodic=True)
         run["seconds"] = seconds()
-    _finish(args, run_dir, run, ncf, data)
+    if main:  # outputs, metrics and plots: rank 0
+        _finish(args, run_dir, run, ncf, data)
     return 0
+
+
+def _rank_stream(trainer) -> dict:
+    """This rank's random stream and passive queue (CPU tensors), for the checkpoint."""
+    state = trainer.state_dict()
+    return {"generator": state["generator"], "passive": state["passive"]}
 
 
 def _finish(args, run_dir, run, ncf, data):
@@ -684,9 +750,9 @@ def cmd_demo(args) -> int:
     src, tgt = src.astype(np.float32), tgt.astype(np.float32)
     data = {"input": src, "output": tgt, "input_labels": None, "output_labels": None}
     ncf, trainer = _build(cfg, data, device)
-    home = _check_home(args.home_dir or os.getcwd())
     paths = {"input": None, "output": None, "input_labels": None, "output_labels": None}
-    return _start_run(args, cfg, data, paths, ncf, trainer, home, problem=problem.spec)
+    return _start_run(args, cfg, data, paths, ncf, trainer, args.home_dir or os.getcwd(),
+                      problem=problem.spec)
 
 
 # -------------------------------------------------------------------------------- transport
@@ -913,11 +979,13 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CLIError(f"ncf-fast: choose a command: {', '.join(SUBCOMMANDS)} (see ncf-fast --help)")
-        return args.func(args)
+        status = args.func(args)
+        distributed.shutdown()
+        return status
     except CLIError as exc:
         if debug:
             raise
-        print(f"ncf-fast: error: {exc}", file=sys.stderr)
+        print(f"ncf-fast: error: {distributed.rank_prefix()}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nncf-fast: interrupted", file=sys.stderr)
@@ -925,11 +993,16 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as exc:  # library checks that the CLI did not pre-empt
         if debug:
             raise
-        print(f"ncf-fast: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"ncf-fast: error: {distributed.rank_prefix()}{_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except distributed.DistributedError as exc:  # names the rank and what to look at
+        if debug:
+            raise
+        print(f"ncf-fast: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - a bug or a device failure: still one line
         if debug:
             raise
-        print(f"ncf-fast: error: {type(exc).__name__}: {_first_line(exc)} "
-              "(set NCF_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"ncf-fast: error: {distributed.rank_prefix()}{type(exc).__name__}: "
+              f"{_first_line(exc)} (set NCF_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

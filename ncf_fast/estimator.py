@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import costs as costs_mod
+from . import distributed
 from .data import check_labels, check_samples
 from .potential import PotentialMLP
 from .sampling import Collocation, SampleSet
@@ -29,8 +30,9 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None or (str(device) == "cuda" and distributed.default_device()):
+        # under torchrun with K > 1 processes: rank r's GPU is cuda:LOCAL_RANK
+        device = distributed.default_device() or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -173,6 +175,11 @@ class NCF:
             callback: ``callback(step, logs) -> bool``; True stops early.
         Returns:
             self, with ``history`` (per-step "hj", "mmd", "lr"; held-out checks in "heldout").
+
+        Under ``torchrun --nproc_per_node=K`` (K > 1) every rank calls fit with the same
+        arguments; the ranks train one model on the union of their per-rank batches (see
+        :mod:`ncf_fast.distributed`) and ``history`` holds the union's losses on every rank.
+        Save from rank 0 only (``ncf_fast.distributed.is_main()``).
         """
         given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mmd_weight": mmd_weight}
         given = {k: v for k, v in given.items() if v is not None}
@@ -222,6 +229,10 @@ class NCF:
                 raise ValueError(f"every class must appear in both source and target labels: "
                                  f"only in source {only_s}, only in target {only_t}")
         self._set_standardization(src_np, tgt_np)
+        ctx = distributed.setup(self.device)  # None unless launched as K > 1 processes
+        if ctx is not None:  # one seed, one standardisation on every rank: rank 0's
+            self.seed = ctx.broadcast_object(self.seed)
+            ctx.sync_standardization(self)
         self.train_config = config
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
@@ -249,10 +260,17 @@ class NCF:
             sets.append(SampleSet(data=x, labels=labels))
         both = torch.cat([std(src_np), std(tgt_np)])
         lo, hi = both.min(0).values, both.max(0).values
+        if ctx is not None:  # the held-out split above is the same on every rank; the draws not
+            ctx.seed_rank_stream(generator, self.seed)
+            lo, hi = ctx.union_box(lo, hi)
         margin = config.box_margin * (hi - lo)
         collocation = Collocation(dict(config.collocation), lo - margin, hi + margin, self.t_final)
         holdout = (held[0][0], held[1][0], held[0][1], held[1][1])
-        return Trainer(self, sets[0], sets[1], holdout, config, collocation, generator)
+        trainer = Trainer(self, sets[0], sets[1], holdout, config, collocation, generator)
+        if ctx is not None:
+            ctx.broadcast_parameters(self.model)
+            trainer.dist = ctx
+        return trainer
 
     # --------------------------------------------------------------------------- maps
     def _chunk_rows(self) -> int:

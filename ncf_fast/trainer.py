@@ -113,6 +113,7 @@ class Trainer:
         self.step_count = 0
         self.labelled = source.labels is not None
         self.passive: list = []  # queue of (pushed samples, labels or None), newest last
+        self.dist = None  # a DistContext under a multi-process launch (see ncf_fast.distributed)
 
     def losses(self):
         """(L_HJ, L_MMD) on a fresh batch, differentiable in the parameters."""
@@ -122,6 +123,8 @@ class Trainer:
             yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
             l_hj = self._hj_loss(xs, yt)
             pushed = ncf._push(xs, create_graph=True)
+            if self.dist is not None:  # this rank's rows of the union's U-statistic
+                return l_hj, self.dist.energy_distance(pushed, yt, ls, lt)
             if self.labelled:
                 return l_hj, class_conditional_energy_distance(pushed, yt, ls, lt)
             return l_hj, energy_distance(pushed, yt)
@@ -131,8 +134,10 @@ class Trainer:
         l_hj = self._hj_loss(torch.cat((xa, fresh)), yt)
         active = ncf._push(xa, create_graph=True)
         passive = torch.cat([p for p, _ in self.passive])
+        lp = torch.cat([lab for _, lab in self.passive]) if self.labelled else None
+        if self.dist is not None:  # every rank's passive samples and targets (no gradient)
+            passive, yt, lp, lt = self.dist.gather_rows(passive, yt, lp, lt)
         if self.labelled:
-            lp = torch.cat([lab for _, lab in self.passive])
             return l_hj, class_conditional_witness_energy_distance(
                 active, passive, yt, la, lp, lt, within_rows=_WITHIN_ROWS)
         return l_hj, witness_energy_distance(active, passive, yt, within_rows=_WITHIN_ROWS)
@@ -164,6 +169,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         l_hj, l_mmd = self.losses()
         (l_hj + self.config.mmd_weight * l_mmd).backward()
+        if self.dist is not None:  # DDP semantics: the mean gradient (and losses) over ranks
+            l_hj, l_mmd = self.dist.average_gradients(self.model, l_hj, l_mmd)
         self.optimizer.step()
         self.step_count += 1
 
@@ -238,6 +245,8 @@ class Trainer:
                             for p, lab in self.passive]}
 
     def load_state_dict(self, state: dict):
+        if self.dist is not None:  # this rank's own stream and queue, if the checkpoint has them
+            state = self.dist.rank_trainer_state(state, self.ncf.seed)
         self.step_count = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
