@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "check_activation", "activation", "activation_derivatives"]
+__all__ = ["ACTIVATIONS", "check_activation", "activation", "activation_derivatives",
+           "times_second_derivative"]
 
 ACTIVATIONS = ("softplus", "tanh", "silu")
 
@@ -44,3 +45,17 @@ def activation_derivatives(name: str, a: torch.Tensor, order: int = 2):
     d1 = s * (1 + a * one_minus)
     d2 = s * one_minus * (2 + a * (one_minus - s)) if order == 2 else None
     return a * s, d1, d2
+
+
+def times_second_derivative(name: str, a, y, d1, g, delta) -> torch.Tensor:
+    """g * sigma''(a), given y = sigma(a), d1 = sigma'(a) and delta = g * sigma'(a) from the
+    input-gradient sweep: one fused elementwise op for softplus, two for tanh.
+
+    softplus: sigma'' = s(1 - s) with s = sigma' -> delta - delta * s.
+    tanh: sigma'' = -2 y sigma' -> -2 y delta.
+    """
+    if name == "softplus":
+        return torch.addcmul(delta, delta, d1, value=-1.0)
+    if name == "tanh":
+        return torch.mul(y, delta).mul_(-2.0)
+    return g * activation_derivatives(name, a, order=2)[2]
