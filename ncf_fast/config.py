@@ -19,7 +19,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from .trainer import TrainConfig
+from .sampling import COLLOCATION_KINDS
+from .trainer import LOW_DIM_MAX, TrainConfig, dimension_defaults
 
 __all__ = ["ConfigError", "KEYS", "defaults", "load_config", "parse_config", "to_hocon",
            "keys_markdown", "model_kwargs", "train_config"]
@@ -38,14 +39,25 @@ class Key:
     choices: tuple = ()
     minimum: float | None = None   # inclusive lower bound for numbers
     positive: bool = False         # strictly > 0
+    nullable: bool = False         # null allowed (numbers): the dimension's default
 
 
 _TC = TrainConfig()  # the training defaults live in one place: TrainConfig
-_COLLOCATION = ("source", "target", "interpolant", "path", "box")
+
+
+def _by_dim(name: str, kind: str | None = None) -> str:
+    """'a (d <= 2), b (d > 2)': a dimension-dependent default, for the key descriptions."""
+    low, high = dimension_defaults(LOW_DIM_MAX), dimension_defaults(LOW_DIM_MAX + 1)
+    if kind is not None:
+        low, high = low[name].get(kind, 0.0), high[name].get(kind, 0.0)
+    else:
+        low, high = low[name], high[name]
+    return f"{low:g} (d <= {LOW_DIM_MAX}), {high:g} (d > {LOW_DIM_MAX})"
+_COLLOCATION = COLLOCATION_KINDS
 
 KEYS: tuple[Key, ...] = (
     Key("model.hidden", None, "widths",
-        "hidden widths of u's MLP, e.g. [128, 128, 128]; null = 3 layers of 64 (d <= 4), 128 (d <= 8), 256"),
+        "hidden widths of u's MLP, e.g. [128, 128, 128]; null = 3 layers of 128 (d <= 8), 256 above"),
     Key("model.activation", "softplus", "choice", "smooth activation", ("softplus", "tanh", "silu")),
     Key("model.cost", "quadratic", "str", "transport cost: quadratic or power:q (1 < q <= 2)"),
     Key("model.t_final", 1.0, "float", "horizon t_f of the cost t_f l((y - x) / t_f)", positive=True),
@@ -54,15 +66,22 @@ KEYS: tuple[Key, ...] = (
         ("auto", "reference", "torch", "triton")),
     Key("train.steps", _TC.steps, "int", "Adam steps", positive=True),
     Key("train.batch_size", _TC.batch_size, "int", "collocation points per step (L_HJ)", positive=True),
-    Key("train.mmd_batch_size", _TC.mmd_batch_size, "int", "target samples per step (L_MMD)", minimum=2),
+    Key("train.mmd_batch_size", _TC.mmd_batch_size, "int",
+        f"target samples per step (L_MMD); null: {_by_dim('mmd_batch_size')}", minimum=2,
+        nullable=True),
     Key("train.mmd_active", _TC.mmd_active, "int",
-        "pushed samples carrying L_MMD's gradient (0 = all)", minimum=0),
-    Key("train.lr", _TC.lr, "float", "peak learning rate", positive=True),
+        f"pushed samples carrying L_MMD's gradient (0 = all); null: {_by_dim('mmd_active')}",
+        minimum=0, nullable=True),
+    Key("train.lr", _TC.lr, "float", f"peak learning rate; null: {_by_dim('lr')}", positive=True,
+        nullable=True),
     Key("train.lr_final", _TC.lr_final, "float", "learning rate at the end of the cosine decay", minimum=0),
     Key("train.warmup", _TC.warmup, "int", "linear warm-up steps", minimum=0),
-    Key("train.mmd_weight", _TC.mmd_weight, "float", "lambda in L = L_HJ + lambda L_MMD", minimum=0),
-    *(Key(f"train.collocation.{k}", float(_TC.collocation.get(k, 0.0)), "float",
-          f"weight of {k} points in the collocation mixture", minimum=0) for k in _COLLOCATION),
+    Key("train.mmd_weight", _TC.mmd_weight, "float",
+        f"lambda in L = L_HJ + lambda L_MMD; null: {_by_dim('mmd_weight')}", minimum=0,
+        nullable=True),
+    *(Key(f"train.collocation.{k}", None, "float",
+          f"weight of {k} points in the collocation mixture; null: {_by_dim('collocation', k)}",
+          minimum=0, nullable=True) for k in _COLLOCATION),
     Key("train.box_margin", _TC.box_margin, "float", "box widening, fraction of the data range", minimum=0),
     Key("train.eval_every", _TC.eval_every, "int", "steps between held-out checks", positive=True),
     Key("train.holdout", _TC.holdout, "int", "samples per side held out for the check", minimum=0),
@@ -117,6 +136,8 @@ def _describe(value) -> str:
 def _check_value(key: Key, value, source: str):
     """The value converted to the key's type, or a ConfigError naming the key."""
     where = f"{source}: {key.name}"
+    if value is None and key.nullable:
+        return None
     if key.kind == "widths":
         if value is None:
             return None
@@ -198,9 +219,10 @@ def parse_config(tree: dict, source: str = "setup.conf", overrides: dict | None 
     for name, value in flat.items():
         out[name] = _check_value(_BY_NAME[name], value, source if name not in (overrides or {})
                                  else "command line")
-    if sum(out[f"train.collocation.{k}"] for k in _COLLOCATION) <= 0:
+    weights = [out[f"train.collocation.{k}"] for k in _COLLOCATION]
+    if None not in weights and sum(weights) <= 0:
         raise ConfigError(f"{source}: train.collocation weights are all 0; give at least one "
-                          "kind (source, target, interpolant, path, box) a positive weight")
+                          f"kind ({', '.join(_COLLOCATION)}) a positive weight")
     train_config(out)  # TrainConfig's own checks, once, with the file named
     return out
 
@@ -280,7 +302,8 @@ def train_config(flat: dict) -> TrainConfig:
     """The :class:`TrainConfig` of a resolved config."""
     fields = {n.split(".", 1)[1]: v for n, v in flat.items()
               if n.startswith("train.") and not n.startswith("train.collocation.") and n != "train.seed"}
-    coll = {k: flat[f"train.collocation.{k}"] for k in _COLLOCATION if flat[f"train.collocation.{k}"] > 0}
+    coll = {k: flat[f"train.collocation.{k}"] for k in _COLLOCATION}  # None: the dimension's
+    coll = None if all(w is None for w in coll.values()) else coll
     try:
         return TrainConfig(**fields, collocation=coll)
     except (TypeError, ValueError) as exc:

@@ -5,6 +5,11 @@ rho (*ours*, configurable by weights) mixes
   - straight-line interpolants (1 - s) x + s y of random source/target pairs, s ~ U[0, 1]
     ("interpolant", at an independent time t) or s = t / t_f ("path": the point sits where a
     straight path from x to y is at time t, so rho covers space-time along the transport),
+  - "characteristic": points x + (t / t_f)(T(x) - x) on the current model's own forward
+    characteristics at their time t, from source samples x and their pushes T(x) (which the
+    trainer has already computed, without gradient, for the energy distance); L_HJ there ties
+    u(., t) to u(., 0) exactly along the lines the maps follow, up to t_f where the backward map
+    is read. Without pushes (the U-statistic estimator) these points fall back to "path".
   - a small share uniform in the data's bounding box widened by a margin.
 The backward map is tied to the target only through L_HJ, so rho must cover the target.
 """
@@ -16,7 +21,7 @@ import torch
 
 __all__ = ["SampleSet", "Collocation", "COLLOCATION_KINDS"]
 
-COLLOCATION_KINDS = ("source", "target", "interpolant", "path", "box")
+COLLOCATION_KINDS = ("source", "target", "interpolant", "path", "characteristic", "box")
 
 
 class SampleSet:
@@ -72,8 +77,10 @@ class Collocation:
         out[kinds[-1]] = max(n - used, 0)
         return out
 
-    def draw(self, n: int, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
-        """(x (n, d), t (n, 1)) from the current source and target batches."""
+    def draw(self, n: int, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+             pushes: tuple | None = None):
+        """(x (n, d), t (n, 1)) from the current source and target batches; ``pushes`` = (x, T(x))
+        for the "characteristic" kind."""
         dev, dt = source.device, source.dtype
 
         def rand(*shape):
@@ -91,8 +98,11 @@ class Collocation:
                 x = pick(source, k)
             elif kind == "target":
                 x = pick(target, k)
-            elif kind in ("interpolant", "path"):
-                s = t / self.t_final if kind == "path" else rand(k, 1)
+            elif kind == "characteristic" and pushes is not None:
+                idx = torch.randint(0, pushes[0].shape[0], (k,), generator=generator, device=dev)
+                x = torch.lerp(pushes[0][idx], pushes[1][idx], t / self.t_final)
+            elif kind in ("interpolant", "path", "characteristic"):
+                s = rand(k, 1) if kind == "interpolant" else t / self.t_final
                 x = (1 - s) * pick(source, k) + s * pick(target, k)
             else:
                 x = self.lo + (self.hi - self.lo) * rand(k, source.shape[1])

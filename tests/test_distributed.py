@@ -125,8 +125,8 @@ def _record(trainer, log):
         sample_set.draw = draw
     colloc = trainer.collocation.draw
 
-    def draw_points(n, source, target, gen):
-        x, t = colloc(n, source, target, gen)
+    def draw_points(n, source, target, gen, pushes=None):
+        x, t = colloc(n, source, target, gen, pushes)
         log.append(("collocation", x.clone(), t.clone()))
         return x, t
     trainer.collocation.draw = draw_points
@@ -147,7 +147,7 @@ def _replay(trainer, logs):
         return x, extra
     trainer.source.draw = lambda n, gen: take("source", n)
     trainer.target.draw = lambda n, gen: take("target", n)
-    trainer.collocation.draw = lambda n, s, t, gen: take("collocation", n)
+    trainer.collocation.draw = lambda n, s, t, gen, pushes=None: take("collocation", n)
     return union
 
 

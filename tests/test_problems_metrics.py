@@ -92,3 +92,23 @@ def test_w2_exact_against_known_couplings():
 def test_energy_distance_metric_accepts_numpy_and_torch():
     a = np.random.default_rng(2).normal(size=(100, 2))
     assert metrics.energy_distance(a, torch.as_tensor(a + 1.0)) > 0.5
+
+
+def test_characteristic_collocation_lies_on_the_pushed_segments():
+    """Points x + (t / t_f)(T(x) - x): on the segment from a source sample to its push, at the
+    fraction of the horizon their time says; without pushes they fall back to "path"."""
+    from ncf_fast.sampling import Collocation
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(50, 3, dtype=torch.float64), torch.randn(60, 3, dtype=torch.float64)
+    pushed = 2.0 * src + 1.0
+    col = Collocation({"characteristic": 1.0}, torch.full((3,), -5.0), torch.full((3,), 5.0),
+                      t_final=2.0)
+    x, t = col.draw(200, src, tgt, gen, pushes=(src, pushed))
+    assert x.shape == (200, 3) and t.shape == (200, 1)
+    assert float(t.min()) >= 0 and float(t.max()) <= 2.0
+    s = t / 2.0
+    start = (x - s * 1.0) / (1.0 + s)  # x = (1 - s) x0 + s (2 x0 + 1) = (1 + s) x0 + s
+    dist = torch.cdist(start, src, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(dist.max()) < 1e-12
+    x, t = col.draw(20, src, tgt, gen)  # no pushes: straight source-target paths
+    assert x.shape == (20, 3)
