@@ -67,7 +67,7 @@ KEYS: tuple[Key, ...] = (
     Key("train.steps", _TC.steps, "int", "Adam steps", positive=True),
     Key("train.batch_size", _TC.batch_size, "int", "collocation points per step (L_HJ)", positive=True),
     Key("train.mmd_batch_size", _TC.mmd_batch_size, "int",
-        f"target samples per step (L_MMD); null: {_by_dim('mmd_batch_size')}", minimum=2,
+        f"target samples per step (L_MMD); null: {_by_dim('mmd_batch_size')}, 4x on a GPU", minimum=2,
         nullable=True),
     Key("train.mmd_active", _TC.mmd_active, "int",
         f"pushed samples carrying L_MMD's gradient (0 = all); null: {_by_dim('mmd_active')}",

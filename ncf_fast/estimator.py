@@ -214,7 +214,7 @@ class NCF:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        config = config.resolve(self.dim)  # the dimension's defaults for the fields left at None
+        config = config.resolve(self.dim, self.device)  # defaults for the fields left at None
         if (source_labels is None) != (target_labels is None):
             raise ValueError("class-conditional OT needs both source_labels and target_labels")
         self.trainer = self._make_trainer(source, target, source_labels, target_labels, config)

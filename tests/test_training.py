@@ -70,6 +70,10 @@ def test_dimension_defaults_fill_only_what_is_left_open():
     assert TrainConfig(collocation={"box": 1.0}).resolve(8).collocation == {"box": 1.0}
     mixed = TrainConfig(collocation={"box": 0.5, "source": None}).resolve(8).collocation
     assert mixed == {"box": 0.5, "source": high["collocation"]["source"]}
+    # a GPU takes 4x the passive and target samples, the CPU the measured CPU setting
+    assert TrainConfig().resolve(8, "cuda").mmd_batch_size == 4 * high["mmd_batch_size"]
+    assert TrainConfig().resolve(8, "cpu").mmd_batch_size == high["mmd_batch_size"]
+    assert TrainConfig(mmd_batch_size=64).resolve(8, "cuda").mmd_batch_size == 64
     with pytest.raises(ValueError, match="lr must be positive"):
         TrainConfig(lr=0.0)
     with pytest.raises(TypeError, match="mmd_active must be an integer"):
