@@ -87,8 +87,13 @@ class NCF:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model = PotentialMLP(dim, hidden, activation, backend)
-            # u starts constant: T = identity, residual 0; the first steps grow it from there
-            torch.nn.init.zeros_(self.model.layers[-1].weight)
+            # u starts constant: T = identity, residual 0; the first steps grow it from there.
+            # Unless grad h is flat at p = 0 (power costs with q < 2: grad^2 h(0) = 0): then a
+            # constant u gets no gradient from the marginal term at all, so u starts small instead.
+            if self._flat_at_zero(self.cost, dim):
+                torch.nn.init.normal_(self.model.layers[-1].weight, std=0.1 / hidden[-1] ** 0.5)
+            else:
+                torch.nn.init.zeros_(self.model.layers[-1].weight)
         self.model.to(self.device, self.dtype)
         self.dim = dim
         self.shift = torch.zeros(dim, dtype=torch.float64)
@@ -272,6 +277,14 @@ class NCF:
             ctx.broadcast_parameters(self.model)
             trainer.dist = ctx
         return trainer
+
+    @staticmethod
+    def _flat_at_zero(cost, dim: int) -> bool:
+        """True when grad^2 h(0) = 0, i.e. T = x + grad h(grad u) does not move to first order
+        in u around u = const (checked numerically, so a user's Cost subclass is covered)."""
+        p = torch.zeros(1, dim, dtype=torch.float64)
+        v = torch.ones(1, dim, dtype=torch.float64)
+        return float(cost.hess_h_vec(p, v).abs().max()) == 0.0
 
     # --------------------------------------------------------------------------- maps
     def _chunk_rows(self) -> int:
