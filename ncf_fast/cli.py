@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 from . import __version__
 from . import config as config_mod
 from . import distributed
-from .estimator import NCF, default_hidden, read_checkpoint, save_atomic
+from .estimator import NCF, default_hidden, read_checkpoint, save_atomic, write_atomic
 
 __all__ = ["main", "CLIError"]
 
@@ -175,28 +174,12 @@ def _check_backend(backend: str, device: torch.device):
 
 
 # ------------------------------------------------------------------------------ atomic files
-def _write_atomic(path: str, write):
-    """write(f) into a temporary file beside ``path``, fsync, then rename over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_npy(path: str, arr: np.ndarray):
-    _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+    write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _write_text(path: str, text: str):
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # -------------------------------------------------------------------------------- run folder
@@ -858,24 +841,21 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, noun: str):
+    """An argparse type: an integer >= minimum, else an error naming the expected kind."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {noun} integer, got {text!r}")
+        return value
+    return parse
 
 
-def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "positive")
+_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def _number(text):

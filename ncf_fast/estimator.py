@@ -426,14 +426,15 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def save_atomic(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+def write_atomic(path, write, suffix: str = "") -> None:
+    """write(f) into a temporary file beside ``path``, fsync, then rename over ``path``: a crash
+    leaves the old file or the new one, never half of one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -441,6 +442,11 @@ def save_atomic(obj, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save through :func:`write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f), suffix=".pt")
 
 
 def _as_numpy(x) -> np.ndarray:

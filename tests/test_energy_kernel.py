@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ncf_fast import energy, reference
-from tolerance import DIMS, assert_close_to_ref
+from tolerance import DIMS, assert_close_to_ref, check_energy_distance, value_and_grads
 
 triton = pytest.importorskip("triton")
 from ncf_fast.kernels import energy_distance as kernel  # noqa: E402
@@ -27,27 +27,12 @@ SHAPES = [(1, 5, d) for d in DIMS] + [(37, 50, d) for d in DIMS] + [
     (130, 1, 3), (129, 64, 17), (200, 131, 5), (20, 17, 33)]
 
 
-def _value_and_grads(fn, a, b, dtype, **kw):
-    aa = a.to(dtype).requires_grad_()
-    bb = b.to(dtype).requires_grad_()
-    v = fn(aa, bb, **kw)
-    return (v, *torch.autograd.grad(v, [aa, bb]))
-
-
-def _check_against_reference(a, b, backend):
-    fast = _value_and_grads(energy.energy_distance, a, b, torch.float32, backend=backend)
-    ref64 = _value_and_grads(reference.energy_distance, a, b, torch.float64)
-    lowp = _value_and_grads(reference.energy_distance, a, b, torch.float32)
-    for k, what in enumerate(("value", "grad_a", "grad_b")):
-        assert_close_to_ref(fast[k], ref64[k], lowp[k], f"{backend} {what}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,m,d", SHAPES)
 def test_value_and_gradients_match_float64(n, m, d, backend):
     a = torch.randn(n, d) * 1.5 + 0.7
     b = torch.randn(m, d)
-    _check_against_reference(a, b, backend)
+    check_energy_distance(a, b, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,7 +44,7 @@ def test_duplicate_and_shared_points(d, backend):
     a[7] = a[3]
     b = torch.cat([a[:20].clone(), torch.randn(25, d)])  # 20 points shared between the sets
     b[30] = b[29]
-    _check_against_reference(a, b, backend)
+    check_energy_distance(a, b, backend)
 
 
 def test_single_point_on_both_sides_is_zero_distance_apart():
@@ -132,11 +117,11 @@ def test_class_conditional_with_singleton_classes(backend):
     lb = torch.tensor([0] * 31 + [3] * 12 + [7] * 1 + [2] * 20)[torch.randperm(64)]
     a, b = torch.randn(83, d) + 0.3, torch.randn(64, d)
     classes = torch.unique(la)
-    fast = _value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
+    fast = value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
         x, y, la, lb, backend=backend), a, b, torch.float32)
-    ref64 = _value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
+    ref64 = value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
                              a, b, torch.float64)
-    lowp = _value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
+    lowp = value_and_grads(lambda x, y: _per_class_reference(x, y, la, lb, classes),
                             a, b, torch.float32)
     for k, what in enumerate(("value", "grad_a", "grad_b")):
         assert_close_to_ref(fast[k], ref64[k], lowp[k], f"{backend} {what}")

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from ncf_fast import energy, reference
-from tolerance import assert_close_to_ref
+from ncf_fast import energy
+from tolerance import assert_close_to_ref, check_energy_distance, value_and_grads
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -22,27 +22,13 @@ SHAPES = [(1, 300, 3), (700, 1, 17), (1000, 777, 1), (1000, 777, 2), (999, 1234,
           (1500, 1300, 5), (1500, 1300, 17), (1200, 900, 33), (1200, 900, 64)]
 
 
-def _value_and_grads(fn, a, b, dtype, **kw):
-    aa, bb = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
-    v = fn(aa, bb, **kw)
-    return (v, *torch.autograd.grad(v, [aa, bb]))
-
-
-def _check(a, b, backend):
-    fast = _value_and_grads(energy.energy_distance, a, b, torch.float32, backend=backend)
-    ref64 = _value_and_grads(reference.energy_distance, a, b, torch.float64)
-    lowp = _value_and_grads(reference.energy_distance, a, b, torch.float32)
-    for k, what in enumerate(("value", "grad_a", "grad_b")):
-        assert_close_to_ref(fast[k], ref64[k], lowp[k], f"{backend} {what}")
-
-
 @pytest.mark.parametrize("backend", ("triton", "auto"))
 @pytest.mark.parametrize("n,m,d", SHAPES)
 def test_compiled_kernel_matches_float64(n, m, d, backend):
     g = torch.Generator(device="cuda").manual_seed(n + d)
     a = torch.randn(n, d, device="cuda", generator=g) * 1.5 + 0.7
     b = torch.randn(m, d, device="cuda", generator=g)
-    _check(a, b, backend)
+    check_energy_distance(a, b, backend)
 
 
 @pytest.mark.parametrize("d", (2, 17, 64))
@@ -55,7 +41,7 @@ def test_compiled_kernel_duplicates_and_clusters(d):
     a[10:20] = a[0]
     b = torch.cat([a[:100].clone(), centers[torch.randint(0, 5, (700,), device="cuda",
                                                           generator=g)] + 0.01])
-    _check(a, b, "triton")
+    check_energy_distance(a, b, "triton")
 
 
 def test_auto_uses_the_kernel_on_cuda():
@@ -70,11 +56,11 @@ def test_class_conditional_one_launch_matches_torch_path():
     la[0] = lb[0] = 7  # class 7: a singleton on both sides
     a = torch.randn(3000, 17, device="cuda", generator=g) + 0.1 * la[:, None]
     b = torch.randn(2500, 17, device="cuda", generator=g)
-    fast = _value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
+    fast = value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
         x, y, la, lb, backend="triton"), a, b, torch.float32)
-    ref64 = _value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
+    ref64 = value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
         x, y, la, lb, backend="torch"), a, b, torch.float64)
-    lowp = _value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
+    lowp = value_and_grads(lambda x, y: energy.class_conditional_energy_distance(
         x, y, la, lb, backend="reference"), a, b, torch.float32)
     for k, what in enumerate(("value", "grad_a", "grad_b")):
         assert_close_to_ref(fast[k], ref64[k], lowp[k], what)

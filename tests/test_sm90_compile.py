@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import pytest
+from sm90 import ptxas_report
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
 
@@ -113,26 +112,7 @@ def _compile_one(cfg: dict) -> dict:
                                            "num_stages": cfg.get("num_stages", 1)})
     except Exception as exc:  # report, the test asserts
         return dict(cfg, ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
-    ptx = compiled.asm["ptx"]
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        proc = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(path), "-o",
-                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    return dict(cfg, ok=proc.returncode == 0, error=None if proc.returncode == 0 else log[-2000:],
-                registers=int(regs.group(1)) if regs else None,
-                spill_stores=int(spills.group(1)) if spills else None,
-                spill_loads=int(spills.group(2)) if spills else None,
-                stack=int(stack.group(1)) if stack else None,
-                shared=int(compiled.metadata.shared),
-                wgmma="wgmma" in ptx, mma=bool(re.search(r"\bmma\.sync", ptx)),
-                nc_loads="ld.global.nc" in ptx)
+    return dict(cfg, **ptxas_report(compiled))
 
 
 def compile_all(workers: int = 2) -> list[dict]:
