@@ -582,6 +582,8 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
             bar.close()
         if stopping() and trainer.step_count < total:
             save(periodic=False)
+            if ctx is not None:
+                ctx.barrier("end-of-training barrier")
             if not main:
                 return EXIT_INTERRUPTED
             print(f"interrupted at step {trainer.step_count}/{total}; checkpoint saved. Resume with: "
@@ -594,6 +596,8 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
             final = ctx.broadcast_object(final)
         if final:
             save(periodic=True)
+        if ctx is not None:  # the last collective: every rank may now leave the group
+            ctx.barrier("end-of-training barrier")
         run["seconds"] = seconds()
     if main:  # outputs, metrics and plots: rank 0
         _finish(args, run_dir, run, ncf, data)

@@ -226,6 +226,12 @@ class DistContext:
             raise error
         return result
 
+    def barrier(self, what: str):
+        """Wait until every rank is here. Used before a rank may leave the group: gloo tearing
+        down a pair while the peer's last message is still in flight aborted a rank at exit
+        (seen once in CI), and after a barrier nothing is in flight."""
+        self._call(what, dist.barrier)
+
     def gather_objects(self, obj):
         """[obj of rank 0, ..., obj of rank K-1] on rank 0, None elsewhere (CPU tensors only)."""
         out = [None] * self.world_size if self.is_main else None

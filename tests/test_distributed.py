@@ -196,6 +196,8 @@ def worker_record(folder: Path):
         torch.save({"params": [p.detach().clone() for p in ncf.model.parameters()],
                     "history": ncf.history, "draws": log},
                    folder / f"{case}_run_rank{rank}.pt")
+    torch.distributed.barrier()  # leave the group as the README tells scripts to
+    torch.distributed.destroy_process_group()
 
 
 def _failing_fit(action):
