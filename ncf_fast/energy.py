@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import native, reference
 
 __all__ = ["energy_distance", "class_conditional_energy_distance", "witness_energy_distance",
            "class_conditional_witness_energy_distance", "per_class_mean", "pair_distance_sums",
@@ -91,6 +91,8 @@ def _torch_pair_sums(a, b, grad_a, grad_b, same):
     Blocks of at most _BLOCK_COLS columns x (_BLOCK_ELEMS / columns) rows, so that the column
     sums (Gb) cost O(columns) per block of _BLOCK_ELEMS pairs, not O(M) per few rows.
     """
+    if native.usable(a, b):  # fp32, d <= 2: the compiled loop (ncf_fast.native)
+        return native.pair_sums(a, b, grad_a, grad_b, same)
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     direct = d <= _DIRECT_MAX_D
     bc = min(m, _BLOCK_COLS)

@@ -12,8 +12,9 @@ from ncf_fast.trainer import dimension_defaults
 def test_gaussian_2d_defaults_reach_the_accuracy_target():
     """The issue's acceptance case with every setting at its default: 50,000 samples per side of
     a contracting pair (Gamma's eigenvalues 0.68, 0.96), forward and backward L2-UVP <= 0.1 %.
-    Measured 0.05 / 0.06 % (README, Accuracy); other pairs of this family range up to 0.16 /
-    0.30 %, so this is a regression check of the defaults, not a claim about every pair."""
+    Measured 0.027 / 0.041 % (README, Accuracy); other pairs and model seeds of this family range
+    up to 0.18 / 0.25 %, so this is a regression check of the defaults, not a claim about every
+    pair."""
     prob = GaussianOT(2, seed=2)
     src, tgt = prob.sample_source(50_000), prob.sample_target(50_000)
     model = NCF(2, seed=0, device="cpu").fit(src, tgt, progress=False)
@@ -86,7 +87,9 @@ def test_power_cost_training_moves_the_map():
     rng = np.random.default_rng(0)
     src = rng.normal(size=(5000, 2))
     tgt = rng.normal(size=(5000, 2)) * 0.7 + [2.0, 1.0]
-    model = NCF(2, seed=0, cost="power:1.5", device="cpu").fit(src, tgt, steps=300,
+    # 600 steps: with |grad h(p)| ~ |p|^2 the first moves are slow, and at 300 steps whether the
+    # map had arrived depended on the seed (seeds 0-2 at 600: mean within 0.04 of the target's)
+    model = NCF(2, seed=0, cost="power:1.5", device="cpu").fit(src, tgt, steps=600,
                                                                progress=False)
-    np.testing.assert_allclose(model.transport(src).mean(0), tgt.mean(0), atol=0.4)
+    np.testing.assert_allclose(model.transport(src).mean(0), tgt.mean(0), atol=0.15)
     assert model.history["heldout"][-1] < 0.5 * model.history["heldout"][0]
