@@ -9,7 +9,9 @@ Shapes: N = M in {8192, 65536, 1e6} x d in {2, 16, 64} with NCF_BENCH_FULL=1; ot
 issue's CPU comparison, N = M = 4096 at d in {2, 16} (the torch path must be no slower than the
 cdist path there). Backends: "reference" = the U-statistic from torch.cdist with autograd (the
 issue's cdist baseline; O(NM) memory, skipped where its N x M matrices would not fit), "torch"
-(ncf_fast.energy's block-wise path), and "triton" on CUDA (the interpreter is not a benchmark).
+(ncf_fast.energy's CPU path: the compiled loop of ncf_fast.native for fp32 d <= 2, block-wise
+torch ops otherwise), "torch-ops" (the torch ops alone at d <= 2, side by side with the compiled
+loop; CPU, where a C compiler built it), and "triton" on CUDA (the interpreter is not a benchmark).
 Every timed call on CUDA ends with torch.cuda.synchronize(); a warm-up round runs first (JIT and
 autotune excluded). extra_info: device, dtype, versions, peak memory (CUDA), pairs per second
 (3 N M pairs: the cross and both within terms), and the time as a fraction of the H200 bound
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 import ncf_fast
-from ncf_fast import energy
+from ncf_fast import energy, native
 
 pytest.importorskip("pytest_benchmark")
 
@@ -36,6 +38,8 @@ if os.environ.get("NCF_ENERGY_SHAPES"):  # e.g. "8192x16,65536x16" (gpu_check.sh
     SHAPES = [tuple(int(v) for v in s.split("x"))
               for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
 BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
+if DEVICE == "cpu" and native.available():  # the torch backend without its compiled d <= 2 loop
+    BACKENDS.append("torch-ops")
 if os.environ.get("NCF_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["NCF_BENCH_THREADS"]))
 # cdist holds three N x N fp32 distance matrices plus gradient buffers: ~10 N^2 * 4 bytes, and
@@ -69,7 +73,7 @@ def _fits(backend, n):
     if backend == "reference":
         free = (torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 * 2**30)
         return _CDIST_BYTES * n * n < 0.5 * free
-    if backend == "torch":  # ~20 small ops per 2^18-pair block: hours at 1e6 on either device
+    if backend in ("torch", "torch-ops"):  # ~20 small ops per 2^18-pair block: hours at 1e6
         return n <= _CPU_MAX_N
     return True
 
@@ -86,13 +90,17 @@ def _bound_seconds(n, d):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}-d{}".format(*s))
-def test_energy_distance_fwd_bwd(benchmark, backend, shape):
+def test_energy_distance_fwd_bwd(benchmark, backend, shape, monkeypatch):
     n, d = shape
     if not _fits(backend, n):
         pytest.skip(f"{backend} does not fit / is not run at N = {n} on {DEVICE}")
+    if backend == "torch-ops":
+        if d > native.MAX_D:
+            pytest.skip(f"the compiled loop only runs for d <= {native.MAX_D}: same as torch")
+        monkeypatch.setattr(native, "usable", lambda a, b: False)
     a, b = setup_sets(n, d)
     fn = cdist_energy_distance if backend == "reference" else (
-        lambda x, y: energy.energy_distance(x, y, backend=backend))
+        lambda x, y: energy.energy_distance(x, y, backend=backend.removesuffix("-ops")))
 
     def step():
         aa, bb = a.detach().requires_grad_(), b.detach().requires_grad_()
