@@ -29,8 +29,8 @@ _WITHIN_ROWS = 256
 # worse (forward 0.30 % -> 0.37-0.78 %), so above d = 2 the earlier settings stay. The 2-D
 # passive and target sets are 4096: the remaining 2-D error is mostly the marginal term's noise
 # (six pairs, forward/backward mean 0.15/0.28 % at 1024 -> 0.08/0.11 %, worst 0.34/0.92 % ->
-# 0.18/0.25 %), and with the compiled pair kernel (ncf_fast.native) a 4096 step costs less than a
-# 1024 step did before (15.8 vs 17.1 ms on 2 cores).
+# 0.18/0.25 %; a seventh pair collapsed at 4096, README "Accuracy"), and with the compiled pair
+# kernel (ncf_fast.native) a 4096 step costs less than a 1024 step did before (15.8 vs 17.1 ms).
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 4096,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
