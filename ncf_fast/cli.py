@@ -580,24 +580,25 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
             trainer.run(progress=False, callback=callback, history=ncf.history)
         finally:
             bar.close()
-        if stopping() and trainer.step_count < total:
+        interrupted = stopping() and trainer.step_count < total
+        if interrupted:
             save(periodic=False)
-            if ctx is not None:
-                ctx.barrier("end-of-training barrier")
+        else:
+            final = trainer.step_count != first_step or not os.path.exists(
+                os.path.join(ckpt_dir, f"step_{trainer.step_count:06d}.pt"))
+            if ctx is not None:  # rank 0 decides, every rank joins the save
+                final = ctx.broadcast_object(final)
+            if final:
+                save(periodic=True)
+        if ctx is not None:  # the last collective: every rank may now leave the group
+            ctx.barrier("end-of-training barrier")
+        if interrupted:
             if not main:
                 return EXIT_INTERRUPTED
             print(f"interrupted at step {trainer.step_count}/{total}; checkpoint saved. Resume with: "
                   f"ncf-fast train --resume {run_dir}", file=sys.stderr, flush=True)
             print(run_dir, flush=True)
             return EXIT_INTERRUPTED
-        final = trainer.step_count != first_step or not os.path.exists(
-            os.path.join(ckpt_dir, f"step_{trainer.step_count:06d}.pt"))
-        if ctx is not None:  # rank 0 decides, every rank joins the save
-            final = ctx.broadcast_object(final)
-        if final:
-            save(periodic=True)
-        if ctx is not None:  # the last collective: every rank may now leave the group
-            ctx.barrier("end-of-training barrier")
         run["seconds"] = seconds()
     if main:  # outputs, metrics and plots: rank 0
         _finish(args, run_dir, run, ncf, data)

@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 
 from .energy import (_class_segments, _require_members, _resolve, _segment_ids, _segment_mean,
-                     _unsort, segment_pair_distance_sums)
+                     _unsort, _within_weight, segment_pair_distance_sums)
 
 __all__ = ["DistContext", "DistributedError", "setup", "shutdown", "launched", "is_main",
            "rank_prefix", "default_device", "rows_energy_distance", "TIMEOUT_ENV"]
@@ -375,8 +375,7 @@ class _RowsEnergy(torch.autograd.Function):
         s_aa, g_aa, _ = segment_pair_distance_sums(a_c, pa_c, lo_a, hi_a, lo_pa, hi_pa,
                                                    grad_a=need, **kw)
         s_bb, _, _ = segment_pair_distance_sums(b_c, pb_c, lo_b, hi_b, lo_pb, hi_pb, **kw)
-        w_aa = torch.where(n > 1, 1.0 / (n * (n - 1)).clamp_min(1.0), torch.zeros_like(n))
-        w_bb = torch.where(m > 1, 1.0 / (m * (m - 1)).clamp_min(1.0), torch.zeros_like(m))
+        w_aa, w_bb = _within_weight(n), _within_weight(m)
         w_ab = 2.0 / (n * m)
         value = world * (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
         ga = None

@@ -407,6 +407,13 @@ def _segment_mean(x, seg, counts):
     return total.index_add_(0, seg, x) / counts.to(x.dtype).unsqueeze(1)
 
 
+def _within_weight(counts):
+    """1 / (c (c - 1)) per class of c samples: the within-set pairs' weight in the U-statistic; 0
+    for a class with one sample, which has no within pairs (the class-conditional rule above)."""
+    return torch.where(counts > 1, 1.0 / (counts * (counts - 1)).clamp_min(1.0),
+                       torch.zeros_like(counts))
+
+
 def _unsort(g, order, n_rows):
     """Rows of a label-sorted gradient back in input order (0 for rows of no listed class)."""
     out = g.new_zeros((n_rows, g.shape[1]))
@@ -433,9 +440,7 @@ class _ClassConditionalEnergy(torch.autograd.Function):
                                                    grad_a=need_a, same=True, **kw)
         s_bb, g_bb, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_b, lo_b, hi_b,
                                                    grad_a=need_b, same=True, **kw)
-        # a class with one sample on a side has no within pairs there: weight 0 (rule above)
-        w_aa = torch.where(n > 1, 1.0 / (n * (n - 1)).clamp_min(1.0), torch.zeros_like(n))
-        w_bb = torch.where(m > 1, 1.0 / (m * (m - 1)).clamp_min(1.0), torch.zeros_like(m))
+        w_aa, w_bb = _within_weight(n), _within_weight(m)
         w_ab = 2.0 / (n * m)
         k = len(lo_a)
         value = (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
@@ -523,7 +528,7 @@ class _ClassConditionalWitness(torch.autograd.Function):
         mb = (hi_w - lo_b).double()
         s_bb, _, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_w, lo_b, hi_w, same=True,
                                                 backend=backend)
-        w_bb = torch.where(mb > 1, 1.0 / (mb * (mb - 1)).clamp_min(1.0), torch.zeros_like(mb))
+        w_bb = _within_weight(mb)
         value = (2.0 / (n * m) * s_ab - s_ap / (n * kk) - w_bb * s_bb).mean()
         ga = None
         if need:
