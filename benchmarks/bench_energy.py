@@ -6,11 +6,11 @@
     NCF_BENCH_THREADS=1 pytest benchmarks/bench_energy.py ...           # CPU intra-op threads
 
 Shapes: N = M in {8192, 65536, 1e6} x d in {2, 16, 64} with NCF_BENCH_FULL=1; otherwise the
-issue's CPU comparison, N = M = 4096 at d in {2, 16} (the torch path must be no slower than the
+issue's CPU comparison, N = M = 4096 at d in {2, 8, 16} (the torch path must be no slower than the
 cdist path there). Backends: "reference" = the U-statistic from torch.cdist with autograd (the
 issue's cdist baseline; O(NM) memory, skipped where its N x M matrices would not fit), "torch"
-(ncf_fast.energy's CPU path: the compiled loop of ncf_fast.native for fp32 d <= 2, block-wise
-torch ops otherwise), "torch-ops" (the torch ops alone at d <= 2, side by side with the compiled
+(ncf_fast.energy's CPU path: the compiled loop of ncf_fast.native for fp32 d <= 8, block-wise
+torch ops otherwise), "torch-ops" (the torch ops alone at d <= 8, side by side with the compiled
 loop; CPU, where a C compiler built it), and "triton" on CUDA (the interpreter is not a benchmark).
 Every timed call on CUDA ends with torch.cuda.synchronize(); a warm-up round runs first (JIT and
 autotune excluded). extra_info: device, dtype, versions, peak memory (CUDA), pairs per second
@@ -33,12 +33,12 @@ pytest.importorskip("pytest_benchmark")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("NCF_BENCH_FULL") == "1"
 SHAPES = ([(n, d) for n in (8192, 65536, 1_000_000) for d in (2, 16, 64)] if FULL
-          else [(4096, 2), (4096, 16)])
+          else [(4096, 2), (4096, 8), (4096, 16)])
 if os.environ.get("NCF_ENERGY_SHAPES"):  # e.g. "8192x16,65536x16" (gpu_check.sh)
     SHAPES = [tuple(int(v) for v in s.split("x"))
               for s in os.environ["NCF_ENERGY_SHAPES"].split(",")]
 BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
-if DEVICE == "cpu" and native.available():  # the torch backend without its compiled d <= 2 loop
+if DEVICE == "cpu" and native.available():  # the torch backend without its compiled loop
     BACKENDS.append("torch-ops")
 if os.environ.get("NCF_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["NCF_BENCH_THREADS"]))

@@ -91,7 +91,7 @@ def _torch_pair_sums(a, b, grad_a, grad_b, same):
     Blocks of at most _BLOCK_COLS columns x (_BLOCK_ELEMS / columns) rows, so that the column
     sums (Gb) cost O(columns) per block of _BLOCK_ELEMS pairs, not O(M) per few rows.
     """
-    if native.usable(a, b):  # fp32, d <= 2: the compiled loop (ncf_fast.native)
+    if native.usable(a, b):  # fp32, d <= native.MAX_D: the compiled loop
         return native.pair_sums(a, b, grad_a, grad_b, same)
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     direct = d <= _DIRECT_MAX_D

@@ -29,7 +29,8 @@ def _sums64(a, b, same=False):
 
 @needs_kernel
 @pytest.mark.parametrize("n,m,d,tile", [(1, 1, 1, 4096), (1, 70, 2, 4096), (70, 1, 2, 4096),
-                                        (37, 131, 2, 4096), (129, 67, 1, 7), (65, 300, 2, 64)])
+                                        (37, 131, 2, 4096), (129, 67, 1, 7), (65, 300, 2, 64),
+                                        (33, 97, 3, 4096), (41, 130, 5, 64), (19, 200, 8, 4096)])
 def test_matches_float64_definition(n, m, d, tile, monkeypatch):
     """Odd sizes, partial 64-column chunks, several column tiles (tile 7, 64), N = 1, M = 1."""
     monkeypatch.setattr(native, "_TILE", tile)
@@ -57,7 +58,7 @@ def test_same_set_skips_the_diagonal():
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,m,d", [(1, 3, 1), (37, 50, 2), (200, 4100, 2)])
+@pytest.mark.parametrize("n,m,d", [(1, 3, 1), (37, 50, 2), (200, 4100, 2), (45, 300, 8)])
 def test_energy_distance_on_the_kernel_matches_reference(n, m, d):
     """energy_distance in fp32 (kernel) against float64, with fp32 autograd setting the tolerance."""
     assert native.usable(torch.zeros(1, d), torch.zeros(1, d))
@@ -85,3 +86,13 @@ def test_disabled_or_without_compiler_the_torch_path_runs(monkeypatch):
         torch.testing.assert_close(ga.double(), ga64, rtol=0, atol=1e-4)
     finally:
         native._library.cache_clear()
+
+
+@needs_kernel
+def test_dispatch_takes_the_kernel_up_to_max_d_only():
+    """Above MAX_D the torch path's GEMM form is faster (native.py's timings)."""
+    z = torch.zeros(1, native.MAX_D)
+    assert native.usable(z, z)
+    z = torch.zeros(1, native.MAX_D + 1)
+    assert not native.usable(z, z)
+    assert not native.usable(z[:, :2].double(), z[:, :2].double())
