@@ -72,6 +72,10 @@ KEYS: tuple[Key, ...] = (
     Key("train.mmd_active", _TC.mmd_active, "int",
         f"pushed samples carrying L_MMD's gradient (0 = all); null: {_by_dim('mmd_active')}",
         minimum=0, nullable=True),
+    Key("train.passive_age", _TC.passive_age, "int",
+        f"steps a passive pushed sample is reused (the passive set is refreshed by "
+        f"mmd_batch_size / passive_age rows a step); null: {_by_dim('passive_age')}", positive=True,
+        nullable=True),
     Key("train.lr", _TC.lr, "float", f"peak learning rate; null: {_by_dim('lr')}", positive=True,
         nullable=True),
     Key("train.lr_final", _TC.lr_final, "float", "learning rate at the end of the cosine decay", minimum=0),

@@ -14,10 +14,6 @@ from .sampling import Collocation, SampleSet
 
 __all__ = ["TrainConfig", "Trainer", "lr_at", "dimension_defaults"]
 
-# Passive pushed samples live in a queue of this many batches, one refreshed per step: the
-# no-grad push then costs mmd_batch_size / 4 rows a step, and a passive sample is at most 4
-# steps old (parameters move O(lr) per step, far below the estimator's sampling noise).
-_PASSIVE_AGE = 4
 # Rows of the target batch for the (constant) within-target term of the logged L_MMD.
 _WITHIN_ROWS = 256
 
@@ -33,10 +29,21 @@ _WITHIN_ROWS = 256
 # kernel (ncf_fast.native) a 4096 step costs less than a 1024 step did before (15.8 vs 17.1 ms).
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 4096,
+            "passive_age": 4,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "mmd_active": 256, "mmd_batch_size": 2048,
+             "passive_age": 1,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
+# passive_age: the passive pushed samples live in a queue of that many batches, one pushed afresh
+# per step, so the no-grad push costs mmd_batch_size / passive_age rows a step and a passive
+# sample is at most passive_age steps old. Stale samples are not harmless: in d = 8 (2048
+# passive, GaussianOT seeds 0-2, 5000 steps) age 4 gave forward/backward 0.225/0.291,
+# 0.298/0.386, 0.224/0.260 % and age 1 0.122/0.161, 0.210/0.227, 0.209/0.241 % in about the same
+# time, and in d = 16 (seed 0, 3000 steps) 1.537/1.538 % -> 0.359/0.364 % for 28 % more time; at
+# 8192 passive, age 16 was 2-4x worse than age 4. In 2-D, age 1 helped less (seeds 0 and 13:
+# 0.063/0.082 and 0.082/0.148 % -> 0.059/0.081 and 0.040/0.082 %) for ~25 % more time, which
+# the 2-D one-minute budget does not have, so the 2-D queue stays at 4.
 
 
 # On a GPU the energy term's pairs are cheap next to the step's fixed costs, so the passive and
@@ -60,15 +67,16 @@ def dimension_defaults(dim: int, device=None) -> dict:
 class TrainConfig:
     """Hyper-parameters of :meth:`ncf_fast.NCF.fit` (all have working defaults).
 
-    Fields left at None (lr, mmd_weight, mmd_active, mmd_batch_size, collocation, or single
-    collocation weights) take the dimension's default (:func:`dimension_defaults`) when the
+    Fields left at None (lr, mmd_weight, mmd_active, mmd_batch_size, passive_age, collocation,
+    or single collocation weights) take the dimension's default (:func:`dimension_defaults`) when the
     trainer is built (:meth:`resolve`).
 
     steps: optimizer steps. batch_size: collocation points per step (L_HJ).
     mmd_batch_size: target samples per step for the energy distance (L_MMD), and as many
     "passive" pushed source samples. mmd_active: pushed samples that carry L_MMD's gradient
     (see :func:`ncf_fast.energy.witness_energy_distance`); 0 means the plain U-statistic over
-    mmd_batch_size pushed samples, all active.
+    mmd_batch_size pushed samples, all active. passive_age: steps a passive pushed sample is
+    reused (the passive set is refreshed by mmd_batch_size / passive_age rows a step).
     lr: peak Adam learning rate; lr_final: the cosine schedule's end value; warmup: linear
     warm-up steps. mmd_weight: lambda. collocation: mixture weights of rho
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
@@ -80,6 +88,7 @@ class TrainConfig:
     batch_size: int = 512
     mmd_batch_size: int | None = None
     mmd_active: int | None = None
+    passive_age: int | None = None
     lr: float | None = None
     lr_final: float = 2e-5
     warmup: int = 100
@@ -109,7 +118,7 @@ class TrainConfig:
 
         if given("mmd_active") and self.mmd_active < 0:
             raise ValueError(f"mmd_active must be >= 0, got {self.mmd_active}")
-        for name in ("steps", "batch_size", "mmd_batch_size", "lr", "eval_every"):
+        for name in ("steps", "batch_size", "mmd_batch_size", "passive_age", "lr", "eval_every"):
             if given(name) and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr_final", "warmup", "mmd_weight", "box_margin", "holdout"):
@@ -207,15 +216,16 @@ class Trainer:
         """Push one fresh batch of source samples (no gradient) into the passive queue (filling
         it on the first step); return the fresh source samples and their pushes (for the
         collocation points)."""
-        per_batch = -(-self.config.mmd_batch_size // _PASSIVE_AGE)
-        fills = _PASSIVE_AGE if not self.passive else 1
+        age = self.config.passive_age
+        per_batch = -(-self.config.mmd_batch_size // age)
+        fills = age if not self.passive else 1
         drawn = []
         for _ in range(fills):
             x, lab = self.source.draw(per_batch, self.generator)
             with torch.no_grad():
                 self.passive.append((self.ncf._push(x), lab))
             drawn.append(x)
-        del self.passive[:-_PASSIVE_AGE]
+        del self.passive[:-age]
         return torch.cat(drawn), torch.cat([p for p, _ in self.passive[-fills:]])
 
     def step(self):

@@ -1,6 +1,7 @@
 """End-to-end training on problems with known answers (CPU, a fixed step budget, no timing)."""
 import numpy as np
 import pytest
+import torch
 
 from ncf_fast import NCF
 from ncf_fast.metrics import cycle_error, l2_uvp
@@ -79,6 +80,32 @@ def test_dimension_defaults_fill_only_what_is_left_open():
         TrainConfig(lr=0.0)
     with pytest.raises(TypeError, match="mmd_active must be an integer"):
         TrainConfig(mmd_active=2.5)
+    with pytest.raises(ValueError, match="passive_age must be positive"):
+        TrainConfig(passive_age=0)
+
+
+@pytest.mark.parametrize("age", [1, 3])
+def test_passive_queue_holds_passive_age_batches_the_newest_fresh(age):
+    """The passive set is mmd_batch_size rows in `age` batches: each step pushes one batch with
+    the current parameters and drops the oldest (age 1: all of it is fresh)."""
+    from ncf_fast import TrainConfig
+    assert TrainConfig().resolve(8).passive_age == 1 and TrainConfig().resolve(2).passive_age == 4
+    rng = np.random.default_rng(0)
+    src, tgt = rng.normal(size=(600, 3)), rng.normal(size=(600, 3)) + 1.0
+    model = NCF(3, seed=0, device="cpu").fit(src, tgt, steps=2, batch_size=32, mmd_batch_size=60,
+                                             mmd_active=8, passive_age=age, holdout=0,
+                                             progress=False)
+    trainer = model.trainer
+    assert len(trainer.passive) == age
+    for _ in range(2):
+        oldest = [p for p, _ in trainer.passive[1:]]
+        fresh, pushed = trainer._refresh_passive()
+        assert len(trainer.passive) == age
+        assert sum(p.shape[0] for p, _ in trainer.passive) == age * -(-60 // age)
+        assert all(a is b for a, b in zip(oldest, (p for p, _ in trainer.passive)))
+        with torch.no_grad():
+            torch.testing.assert_close(pushed, model._push(fresh))
+        trainer.step()
 
 
 def test_power_cost_training_moves_the_map():
