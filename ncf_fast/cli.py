@@ -34,7 +34,7 @@ import torch
 from . import __version__
 from . import config as config_mod
 from . import distributed
-from .estimator import NCF, default_hidden, read_checkpoint, save_atomic, write_atomic
+from .estimator import NCF, default_activation, default_hidden, read_checkpoint, save_atomic, write_atomic
 
 __all__ = ["main", "CLIError"]
 
@@ -428,10 +428,11 @@ def _resume(args, device, ctx=None) -> int:
     want = config_mod.model_kwargs(cfg)
     have = dict(ckpt["config"])
     want_hidden = list(want["hidden"] or default_hidden(dim))
-    if [int(h) for h in have.get("hidden", [])] != want_hidden or have.get("activation") != want["activation"]:
+    want_activation = want["activation"] or default_activation(dim)
+    if [int(h) for h in have.get("hidden", [])] != want_hidden or have.get("activation") != want_activation:
         raise CLIError(f"{ckpt_path}: checkpoint of a different architecture (hidden "
                        f"{have.get('hidden')}, {have.get('activation')}) than its run config "
-                       f"(hidden {want_hidden}, {want['activation']})")
+                       f"(hidden {want_hidden}, {want_activation})")
     ckpt["config"] = {**have, "backend": cfg["model.backend"]}
     _check_backend(cfg["model.backend"], device)
     try:

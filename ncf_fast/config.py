@@ -2,7 +2,7 @@
 
 The file has three sections; every key has a default, so an empty file is valid::
 
-    model { hidden = null, activation = softplus, cost = quadratic, t_final = 1.0, ... }
+    model { hidden = null, activation = null, cost = quadratic, t_final = 1.0, ... }
     train { steps = 3000, batch_size = 512, lr = 2e-3, seed = 0, collocation { ... }, ... }
     run   { expname = ncf, checkpoint_every = 500, plot_points = 1500 }
 
@@ -58,7 +58,8 @@ _COLLOCATION = COLLOCATION_KINDS
 KEYS: tuple[Key, ...] = (
     Key("model.hidden", None, "widths",
         "hidden widths of u's MLP, e.g. [128, 128, 128]; null = 3 layers of 128 (d <= 8), 256 above"),
-    Key("model.activation", "softplus", "choice", "smooth activation", ("softplus", "tanh", "silu")),
+    Key("model.activation", None, "choice", "smooth activation; null: silu (d <= 2), softplus (d > 2)",
+        ("softplus", "tanh", "silu"), nullable=True),
     Key("model.cost", "quadratic", "str", "transport cost: quadratic or power:q (1 < q <= 2)"),
     Key("model.t_final", 1.0, "float", "horizon t_f of the cost t_f l((y - x) / t_f)", positive=True),
     Key("model.dtype", "float32", "choice", "parameter precision", ("float32", "float64")),

@@ -22,14 +22,13 @@ _WITHIN_ROWS = 256
 # pairs (README, "Accuracy"). In d <= 2 a larger learning rate, a stronger L_HJ (smaller lambda),
 # more active samples and collocation along the model's own characteristics fixed the contracting
 # pairs (backward L2-UVP 0.75-1.25 % -> <= 0.3 %); in d = 8 each of those changes made the map
-# worse (forward 0.30 % -> 0.37-0.78 %), so above d = 2 the earlier settings stay. The 2-D
-# passive and target sets are 4096: the remaining 2-D error is mostly the marginal term's noise
-# (six pairs, forward/backward mean 0.15/0.28 % at 1024 -> 0.08/0.11 %, worst 0.34/0.92 % ->
-# 0.18/0.25 %; a seventh pair collapsed at 4096, README "Accuracy"), and with the compiled pair
-# kernel (ncf_fast.native) a 4096 step costs less than a 1024 step did before (15.8 vs 17.1 ms).
+# worse (forward 0.30 % -> 0.37-0.78 %, with a stale passive queue), so above d = 2 the earlier
+# settings stay. Passive and target sets of 2048 with a fresh passive set every step
+# (passive_age 1) in every dimension: with the 2-D network's SiLU (estimator.default_activation)
+# that beat 4096 at age 4 (softplus) on the 2-D pairs, in less time (README "Accuracy").
 LOW_DIM_MAX = 2
-_LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 4096,
-            "passive_age": 4,
+_LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 2048,
+            "passive_age": 1,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "mmd_active": 256, "mmd_batch_size": 2048,
              "passive_age": 1,
@@ -41,9 +40,10 @@ _BY_DIMENSION = tuple(_LOW_DIM)
 # passive, GaussianOT seeds 0-2, 5000 steps) age 4 gave forward/backward 0.225/0.291,
 # 0.298/0.386, 0.224/0.260 % and age 1 0.122/0.161, 0.210/0.227, 0.209/0.241 % in about the same
 # time, and in d = 16 (seed 0, 3000 steps) 1.537/1.538 % -> 0.359/0.364 % for 28 % more time; at
-# 8192 passive, age 16 was 2-4x worse than age 4. In 2-D, age 1 helped less (seeds 0 and 13:
-# 0.063/0.082 and 0.082/0.148 % -> 0.059/0.081 and 0.040/0.082 %) for ~25 % more time, which
-# the 2-D one-minute budget does not have, so the 2-D queue stays at 4.
+# 8192 passive, age 16 was 2-4x worse than age 4. In 2-D (SiLU, 4096 passive) age 4 -> 1 took
+# seeds 2, 0, 16, 14 from 0.198/0.081, 0.106/0.102, 0.124/0.229, 0.132/0.067 % to 0.032/0.032,
+# 0.043/0.051, 0.049/0.054, 0.027/0.028 % but to 52-67 s; at 2048 passive, age 1 gave
+# 0.040/0.049, 0.052/0.061, 0.060/0.084, 0.032/0.034 % in 33-39 s.
 
 
 # On a GPU the energy term's pairs are cheap next to the step's fixed costs, so the passive and

@@ -124,7 +124,10 @@ def test_train_with_original_flags_writes_one_run_folder(reference_run, data):
     assert list(rows[0]) == ["step", "L_HJ", "L_MMD", "lr", "seconds"]
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
     metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
-    assert metrics["steps"] == STEPS and metrics["energy_distance_forward"] >= -1e-3
+    # the unbiased estimate at ~300 points per side scatters by ~1/300 around its value, which
+    # 60 steps bring well below the untrained source-vs-target distance
+    assert metrics["steps"] == STEPS and metrics["energy_distance_forward"] >= -1e-2
+    assert metrics["energy_distance_forward"] < 0.5 * metrics["energy_distance_initial"]
     # the resolved config reads back; every CLI checkpoint loads with NCF.load
     assert config_mod.load_config(os.path.join(run_dir, "setup.conf"))["train.steps"] == STEPS
     model = NCF.load(os.path.join(run_dir, "checkpoints", "latest.pt"))
