@@ -162,8 +162,17 @@ def setup(device: torch.device) -> "DistContext | None":
 
 
 def shutdown():
-    """Leave the process group if one was joined (at the end of a successful run)."""
+    """Leave the process group if one was joined (at the end of a successful run).
+
+    Every rank first waits for the others (rank 0 writes the outputs after training): a rank that
+    tore down its gloo group while rank 0 still held its end aborted now and then in CI
+    ("terminate called without an active exception", SIGABRT, after the end-of-training
+    barrier), so the ranks leave together."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank already gone: leave anyway
+            pass
         dist.destroy_process_group()
 
 
