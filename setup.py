@@ -19,8 +19,9 @@ setup(
     # (a top-level module named "kernels" collides with an unrelated PyPI package)
     packages=["ncf_fast", "ncf_fast.kernels"],
     package_dir={"ncf_fast": "ncf_fast", "ncf_fast.kernels": "kernels"},
-    # the CPU pair-sum kernel's C source, compiled on first use (ncf_fast/native.py)
-    package_data={"ncf_fast": ["cpu_pairs.c"]},
+    # the C sources of the CPU kernels (pair sums, MLP elementwise passes), compiled on first
+    # use (ncf_fast/native.py)
+    package_data={"ncf_fast": ["cpu_pairs.c", "cpu_mlp.c"]},
     install_requires=[
         # any torch >= 2.1 works; a torch already installed is kept (pip does not upgrade it)
         "torch>=2.1",

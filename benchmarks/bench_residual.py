@@ -8,7 +8,8 @@ and one full training step (L_HJ + lambda L_MMD, Adam).
 Shapes: d in {2, 16, 64} x width in {64, 128, 256} (depth 3, softplus) x batch in {4096, 65536}
 with NCF_BENCH_FULL=1; otherwise d = 16, width 128, batch 4096 (the issue's CPU target shape:
 torch >= 1.5x reference for hj_residual forward + backward). Backends: reference, torch, and
-triton on CUDA (the interpreter is not a benchmark). Every timed call on CUDA ends with
+triton on CUDA (the interpreter is not a benchmark), and on CPU torch-ops (the torch backend
+with its compiled elementwise passes switched off: what they buy). Every timed call on CUDA ends with
 torch.cuda.synchronize(); warm-up rounds run before timing (JIT compile excluded). extra_info
 records the device, dtype, versions, peak memory (CUDA) and the achieved TFLOP/s of the GEMMs.
 Ratios against reference: pytest-benchmark's --benchmark-group-by=param:shape table, or the
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import ncf_fast
-from ncf_fast import NCF, PotentialMLP, costs
+from ncf_fast import NCF, PotentialMLP, costs, native
 from ncf_fast.losses import hj_residual
 
 pytest.importorskip("pytest_benchmark")
@@ -35,6 +36,16 @@ SHAPES = ([(d, w, n) for d in (2, 16, 64) for w in (64, 128, 256) for n in (4096
 if os.environ.get("NCF_BENCH_SHAPES"):  # e.g. "16x128x65536,64x256x65536" (gpu_check.sh)
     SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["NCF_BENCH_SHAPES"].split(",")]
 BACKENDS = ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else [])
+if DEVICE == "cpu" and native.mlp_usable(torch.zeros(1, 1)):
+    BACKENDS.append("torch-ops")  # the torch backend without its compiled elementwise passes
+
+
+def _backend(backend, monkeypatch):
+    """The PotentialMLP backend for a benchmark row (torch-ops: torch, compiled passes off)."""
+    if backend == "torch-ops":
+        monkeypatch.setattr(native, "mlp_usable", lambda x: False)
+        return "torch"
+    return backend
 
 
 def _rounds(n):
@@ -83,9 +94,9 @@ def _ids(shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_hj_residual_forward_backward(benchmark, backend, shape):
+def test_hj_residual_forward_backward(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
-    model, g = setup_model(d, width, backend)
+    model, g = setup_model(d, width, _backend(backend, monkeypatch))
     x = torch.randn(n, d, generator=g).to(DEVICE)
     t = torch.rand(n, 1, generator=g).to(DEVICE)
     cost = costs.Quadratic()
@@ -107,9 +118,10 @@ def test_hj_residual_forward_backward(benchmark, backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_transport(benchmark, backend, shape):
+def test_transport(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
-    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0, backend=backend)
+    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0,
+              backend=_backend(backend, monkeypatch))
     torch.nn.init.normal_(ncf.model.layers[-1].weight, std=0.1)
     x = torch.randn(n, d).to(DEVICE)
 
@@ -126,12 +138,13 @@ def test_transport(benchmark, backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_train_step(benchmark, backend, shape):
+def test_train_step(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
+    model_backend = _backend(backend, monkeypatch)
     g = torch.Generator().manual_seed(0)
     source = torch.randn(8192, d, generator=g)
     target = torch.randn(8192, d, generator=g) * 1.3 + 0.5
-    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0, backend=backend)
+    ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0, backend=model_backend)
     config = ncf_fast.TrainConfig(steps=10**6, batch_size=n, mmd_batch_size=1024, mmd_active=256)
     trainer = ncf.make_trainer(source.numpy(), target.numpy(), config)
 

@@ -1,6 +1,8 @@
 """The ``torch`` backend: NCF's fused algorithm with an analytic backward, in torch ops.
 
-This is the fast path on CPU and the readable specification of what the Triton kernels do.
+This is the fast path on CPU and the readable specification of what the Triton kernels do. On
+fp32 CPU tensors its elementwise steps run as compiled loops (ncf_fast/native.py, cpu_mlp.c);
+the torch ops below specify them and run everywhere else.
 
 Network: z_0 = [x, t], a_l = W_l z_{l-1} + b_l, z_l = s(a_l) (l = 1..L), u = w . z_L + c.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .activations import activation_derivatives, times_second_derivative
 
 __all__ = ["PotentialAndGrad", "potential", "potential_and_grad", "characteristic_residual"]
@@ -35,27 +38,71 @@ def _sweep(params, act, x, t, with_grad: bool, save: bool):
     is the adjoint of z_l for u. Without save, nothing is kept: maps need only the two sweeps.
     """
     n_hidden = len(params) // 2 - 1
+    fast = native.mlp_usable(x)
     z = torch.cat((x, t), dim=1)
     zs, d1s, pre = [z], [], []
     for k in range(n_hidden):
-        a = torch.addmm(params[2 * k + 1], z, params[2 * k].t())
-        z, d1, _ = activation_derivatives(act, a, order=1)
+        z, d1, a = _layer(fast, act, z, params[2 * k], params[2 * k + 1])
         zs.append(z)
         d1s.append(d1)
-        pre.append(a if act == "silu" else None)  # only silu's s'' needs a itself
+        pre.append(a)
     w_out, b_out = params[-2], params[-1]
     u = torch.addmm(b_out, z, w_out.t()).squeeze(1)
     if not with_grad:
         return u, None, (zs, d1s, [], [])
-    g = w_out.expand(z.shape[0], -1)
+    g = w_out  # (1, w): the adjoint of z_L, the same for every row
     deltas, curvs = [None] * n_hidden, [None] * n_hidden
     for k in reversed(range(n_hidden)):
-        delta = g * d1s[k]
+        delta, curv = _input_adjoint(fast, act, g, d1s[k], pre[k], zs[k + 1], save)
         if save:
-            deltas[k] = delta
-            curvs[k] = times_second_derivative(act, pre[k], zs[k + 1], d1s[k], g, delta)
+            deltas[k], curvs[k] = delta, curv
         g = delta @ params[2 * k]
     return u, g[:, :x.shape[1]], (zs, d1s, deltas if save else [], curvs if save else [])
+
+
+# The elementwise steps of the sweeps, each either one compiled pass (fast: fp32 on the CPU, see
+# ncf_fast/native.py and cpu_mlp.c) or the torch ops that specify it. Measured on 2 cores
+# (d = 16, 3 x 128, N = 4096, hj_residual forward + backward, interleaved medians): softplus
+# 33-34 -> 27-30 ms (most of it softplus itself), silu 33 -> 26 ms, tanh 38 -> 28 ms.
+
+def _layer(fast, act, z, weight, bias):
+    """(z_l, s'(a_l), a_l or None) for a_l = W_l z + b_l: a_l is kept for silu, whose s'' needs
+    it (softplus's and tanh's follow from s' and z_l)."""
+    if fast:
+        return native.act_forward(act, z @ weight.t(), bias)
+    a = torch.addmm(bias, z, weight.t())
+    z, d1, _ = activation_derivatives(act, a, order=1)
+    return z, d1, (a if act == "silu" else None)
+
+
+def _input_adjoint(fast, act, g, d1, a, y, with_curv):
+    """(delta_l, g_l s''(a_l) or None) = (g_l s'(a_l), ...); y = z_l = s(a_l)."""
+    if fast:
+        return native.delta_curv(act, g, d1, y if act == "tanh" else a, with_curv)
+    delta = g * d1
+    return delta, (times_second_derivative(act, a, y, d1, g, delta) if with_curv else None)
+
+
+def _tangent(fast, d1, curv, adot):
+    """zdot_l = s'(a_l) adot_l, returned; adot_l becomes g_l s''(a_l) adot_l in place."""
+    if fast:
+        return native.tangent(d1, curv, adot)
+    zdot = d1 * adot
+    adot.mul_(curv)
+    return zdot
+
+
+def _adjoint(fast, bend, zbar, d1, bias_grad):
+    """abar_l = [bend +] zbar_l s'(a_l) (in the memory of bend, else of zbar); adds its column
+    sums, dPhi/db_l, to bias_grad."""
+    if zbar is None:
+        abar = bend
+    elif fast:
+        return native.abar(bend, zbar, d1, bias_grad)
+    else:
+        abar = zbar.mul_(d1) if bend is None else bend.addcmul_(zbar, d1)
+    bias_grad += abar.sum(0)
+    return abar
 
 
 # Rows per block: bounds the saved activations' working set. Measured on 2 CPU cores (d = 16,
@@ -128,6 +175,7 @@ def _backward_block(params, block, L, with_grad, ubar, pbar, grads, need_input):
     if with_grad:
         deltas, curvs = block[2 * L + 1:3 * L + 1], block[3 * L + 1:4 * L + 1]
     n = zs[0].shape[0]
+    fast = native.mlp_usable(zs[0])
     # tangent sweep: zdot_l with zdot_0 = (pbar, 0), and the curvature part of abar_l,
     # g_l s''(a_l) adot_l, formed in place on adot_l
     zdots, bends = [], []
@@ -136,9 +184,9 @@ def _backward_block(params, block, L, with_grad, ubar, pbar, grads, need_input):
         zdots.append(zdot)
         for k in range(L):
             adot = zdot @ params[2 * k].t()
-            zdot = d1s[k] * adot
+            zdot = _tangent(fast, d1s[k], curvs[k], adot)
             zdots.append(zdot)
-            bends.append(adot.mul_(curvs[k]))
+            bends.append(adot)
 
     w_out = params[-2]
     zbar = None
@@ -150,13 +198,11 @@ def _backward_block(params, block, L, with_grad, ubar, pbar, grads, need_input):
         grads[-2] += zdots[L].sum(0)
 
     for k in reversed(range(L)):
-        if pbar is None:
-            abar = zbar.mul_(d1s[k])  # zbar is a fresh product: reuse its memory
-        else:
-            abar = bends[k] if zbar is None else bends[k].addcmul_(zbar, d1s[k])
+        abar = _adjoint(fast, bends[k] if pbar is not None else None, zbar, d1s[k],
+                        grads[2 * k + 1])
+        if pbar is not None:
             grads[2 * k].addmm_(deltas[k].t(), zdots[k])
         grads[2 * k].addmm_(abar.t(), zs[k])
-        grads[2 * k + 1] += abar.sum(0)
         if k > 0 or need_input:
             zbar = abar @ params[2 * k]
     return zbar if need_input else None
