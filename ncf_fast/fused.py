@@ -30,15 +30,15 @@ from .activations import activation_derivatives, times_second_derivative
 __all__ = ["PotentialAndGrad", "potential", "potential_and_grad", "characteristic_residual"]
 
 
-def _sweep(params, act, x, t, with_grad: bool, save: bool):
+def _sweep(params, act, x, t, with_grad: bool, save: bool, fast: bool):
     """Forward sweep (and the input-gradient sweep if with_grad).
 
     Returns u, p (or None) and what the backward needs (when save): the layer inputs z_{l-1}
     (and z_L), s'(a_l), and with the gradient delta_l = g_l s'(a_l) and g_l s''(a_l), where g_l
     is the adjoint of z_l for u. Without save, nothing is kept: maps need only the two sweeps.
+    fast: the elementwise steps run compiled (then g_l s''(a_l) is saved for silu only).
     """
     n_hidden = len(params) // 2 - 1
-    fast = native.mlp_usable(x)
     z = torch.cat((x, t), dim=1)
     zs, d1s, pre = [z], [], []
     for k in range(n_hidden):
@@ -53,7 +53,9 @@ def _sweep(params, act, x, t, with_grad: bool, save: bool):
     g = w_out  # (1, w): the adjoint of z_L, the same for every row
     deltas, curvs = [None] * n_hidden, [None] * n_hidden
     for k in reversed(range(n_hidden)):
-        delta, curv = _input_adjoint(fast, act, g, d1s[k], pre[k], zs[k + 1], save)
+        # the compiled tangent pass forms softplus's and tanh's g s'' from delta itself
+        delta, curv = _input_adjoint(fast, act, g, d1s[k], pre[k], zs[k + 1],
+                                     save and (act == "silu" or not fast))
         if save:
             deltas[k], curvs[k] = delta, curv
         g = delta @ params[2 * k]
@@ -83,10 +85,11 @@ def _input_adjoint(fast, act, g, d1, a, y, with_curv):
     return delta, (times_second_derivative(act, a, y, d1, g, delta) if with_curv else None)
 
 
-def _tangent(fast, d1, curv, adot):
-    """zdot_l = s'(a_l) adot_l, returned; adot_l becomes g_l s''(a_l) adot_l in place."""
+def _tangent(fast, act, d1, curv, delta, y, adot):
+    """zdot_l = s'(a_l) adot_l, returned; adot_l becomes g_l s''(a_l) adot_l in place (the
+    compiled pass forms g_l s''(a_l) from delta_l and y = z_l unless curv holds it)."""
     if fast:
-        return native.tangent(d1, curv, adot)
+        return native.tangent(act, d1, curv, delta, y, adot)
     zdot = d1 * adot
     adot.mul_(curv)
     return zdot
@@ -124,18 +127,18 @@ class PotentialAndGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, act: str, with_grad: bool, x: torch.Tensor, t: torch.Tensor, *params):
-        n = x.shape[0]
+        n, fast = x.shape[0], native.mlp_usable(x)
         us, ps, saved, per_block = [], [], [], None
         for rows in _blocks(n):
             u, p, (zs, d1s, deltas, curvs) = _sweep(params, act, x[rows], t[rows], with_grad,
-                                                    save=True)
+                                                    save=True, fast=fast)
             us.append(u)
             ps.append(p)
             block = zs + d1s + deltas + curvs
             per_block = len(block)
             saved.extend(block)
         ctx.act, ctx.n_hidden, ctx.with_grad, ctx.n = act, len(params) // 2 - 1, with_grad, n
-        ctx.per_block = per_block
+        ctx.per_block, ctx.fast = per_block, fast
         ctx.save_for_backward(*saved, *params)
         ctx.set_materialize_grads(False)
         u = torch.cat(us) if len(us) > 1 else us[0]
@@ -158,7 +161,7 @@ class PotentialAndGrad(torch.autograd.Function):
         tbar = torch.empty(n, 1, dtype=params[0].dtype, device=params[0].device) if need_t else None
         for b, rows in enumerate(_blocks(n)):
             block = saved[b * ctx.per_block:(b + 1) * ctx.per_block]
-            zb = _backward_block(params, block, L, ctx.with_grad,
+            zb = _backward_block(params, ctx.act, ctx.fast, block, L, ctx.with_grad,
                                  None if ubar is None else ubar[rows],
                                  None if pbar is None else pbar[rows], grads,
                                  need_input=need_x or need_t)
@@ -169,13 +172,12 @@ class PotentialAndGrad(torch.autograd.Function):
         return (None, None, xbar, tbar, *grads)
 
 
-def _backward_block(params, block, L, with_grad, ubar, pbar, grads, need_input):
+def _backward_block(params, act, fast, block, L, with_grad, ubar, pbar, grads, need_input):
     """Accumulate one row block's parameter gradients into ``grads``; return zbar_0 (or None)."""
     zs, d1s = block[:L + 1], block[L + 1:2 * L + 1]
     if with_grad:
         deltas, curvs = block[2 * L + 1:3 * L + 1], block[3 * L + 1:4 * L + 1]
     n = zs[0].shape[0]
-    fast = native.mlp_usable(zs[0])
     # tangent sweep: zdot_l with zdot_0 = (pbar, 0), and the curvature part of abar_l,
     # g_l s''(a_l) adot_l, formed in place on adot_l
     zdots, bends = [], []
@@ -184,7 +186,7 @@ def _backward_block(params, block, L, with_grad, ubar, pbar, grads, need_input):
         zdots.append(zdot)
         for k in range(L):
             adot = zdot @ params[2 * k].t()
-            zdot = _tangent(fast, d1s[k], curvs[k], adot)
+            zdot = _tangent(fast, act, d1s[k], curvs[k], deltas[k], zs[k + 1], adot)
             zdots.append(zdot)
             bends.append(adot)
 
@@ -220,7 +222,8 @@ def potential_and_grad(params, act, x, t):
     """
     if torch.is_grad_enabled():
         return PotentialAndGrad.apply(act, True, x, t, *params)
-    outs = [_sweep(params, act, x[rows], t[rows], True, save=False)[:2]
+    fast = native.mlp_usable(x)
+    outs = [_sweep(params, act, x[rows], t[rows], True, save=False, fast=fast)[:2]
             for rows in _blocks(x.shape[0])]
     if len(outs) == 1:
         return outs[0]

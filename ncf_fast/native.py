@@ -149,7 +149,7 @@ def _mlp_library():
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.ncf_act_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i32]
         lib.ncf_delta_curv.argtypes = [i32, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i32]
-        lib.ncf_tangent.argtypes = [ptr, ptr, ptr, ptr, i64, i32]
+        lib.ncf_tangent.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32]
         lib.ncf_abar.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
         for fn in (lib.ncf_act_forward, lib.ncf_delta_curv, lib.ncf_tangent, lib.ncf_abar):
             fn.restype = i32
@@ -185,7 +185,8 @@ def act_forward(act: str, a: torch.Tensor, bias: torch.Tensor):
 
 
 def delta_curv(act: str, g: torch.Tensor, d1: torch.Tensor, aux, with_curv: bool):
-    """(delta, curv) = (g s'(a), g s''(a)) (curv None unless with_curv); g (rows, w) or one row
+    """(delta, curv) = (g s'(a), g s''(a)) (curv None unless with_curv: the backward needs it for
+    silu only, see :func:`tangent`); g (rows, w) or one row
     (1, w) shared by all rows; aux: y = s(a) for tanh, a for silu, unused for softplus."""
     rows, w = d1.shape
     g = g.contiguous()
@@ -199,12 +200,13 @@ def delta_curv(act: str, g: torch.Tensor, d1: torch.Tensor, aux, with_curv: bool
     return delta, curv
 
 
-def tangent(d1: torch.Tensor, curv: torch.Tensor, adot: torch.Tensor) -> torch.Tensor:
-    """zdot = s'(a) adot, returned; adot becomes curv * adot (g s''(a) adot) in place."""
+def tangent(act: str, d1: torch.Tensor, curv, delta, y, adot: torch.Tensor) -> torch.Tensor:
+    """zdot = s'(a) adot, returned; adot becomes g s''(a) adot in place, with g s''(a) given
+    (curv: silu) or formed from delta = g s'(a) (softplus; tanh with y = s(a))."""
     zdot = torch.empty_like(adot)
-    _check(_mlp_library().ncf_tangent(d1.data_ptr(), curv.data_ptr(), adot.data_ptr(),
-                                      zdot.data_ptr(), adot.numel(), torch.get_num_threads()),
-           "tangent")
+    _check(_mlp_library().ncf_tangent(_KIND[act], d1.data_ptr(), _ptr(curv), _ptr(delta), _ptr(y),
+                                      adot.data_ptr(), zdot.data_ptr(), adot.numel(),
+                                      torch.get_num_threads()), "tangent")
     return zdot
 
 

@@ -76,14 +76,29 @@ def test_input_adjoint_pass_matches_float64(act, rows, w, shared_row):
 
 
 @needs_kernel
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("rows,w", SHAPES)
-def test_tangent_and_adjoint_passes_match_float64(rows, w):
-    d1, curv, adot, zbar, bend = (torch.randn(rows, w) for _ in range(5))
-    bend_in = adot.clone()
-    zdot = native.tangent(d1, curv, bend_in)
-    torch.testing.assert_close(zdot.double(), d1.double() * adot.double(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(bend_in.double(), curv.double() * adot.double(), rtol=1e-6,
-                               atol=0)
+def test_tangent_pass_matches_float64(act, rows, w):
+    """zdot = s'(a) adot and adot <- g s''(a) adot, with g s'' stored (silu) or formed from
+    delta = g s'(a) (softplus, tanh)."""
+    a = _preacts(rows, w, seed=3 * rows + w).float()
+    g, adot = torch.randn(rows, w), torch.randn(rows, w)
+    y, d1, d2 = activation_derivatives(act, a, order=2)
+    delta, curv = g * d1, g * d2
+    bend = adot.clone()
+    zdot = native.tangent(act, d1, curv if act == "silu" else None, delta, y, bend)
+    s64 = activation_derivatives(act, a.double(), order=2)
+    assert_close_to_ref(zdot, s64[1] * adot.double(), d1 * adot, "zdot")
+    assert_close_to_ref(bend, g.double() * s64[2] * adot.double(), curv * adot, "bend")
+    if act == "silu":
+        with pytest.raises(RuntimeError, match="tangent"):
+            native.tangent(act, d1, None, delta, y, adot.clone())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,w", SHAPES)
+def test_adjoint_pass_matches_float64(rows, w):
+    d1, zbar, bend = (torch.randn(rows, w) for _ in range(3))
     for with_bend in (False, True):
         bias_grad = torch.randn(w)
         start = bias_grad.clone()
