@@ -64,8 +64,9 @@ def _sweep(params, act, x, t, with_grad: bool, save: bool, fast: bool):
 
 # The elementwise steps of the sweeps, each either one compiled pass (fast: fp32 on the CPU, see
 # ncf_fast/native.py and cpu_mlp.c) or the torch ops that specify it. Measured on 2 cores
-# (d = 16, 3 x 128, N = 4096, hj_residual forward + backward, interleaved medians): softplus
-# 33-34 -> 27-30 ms (most of it softplus itself), silu 33 -> 26 ms, tanh 38 -> 28 ms.
+# (benchmarks/interleaved.py: d = 16, 3 x 128, N = 4096, hj_residual forward + backward):
+# softplus 36.4 -> 28.5 ms (torch's softplus alone is ~1.9 ms a layer), silu 42.3 -> 27.8 ms,
+# tanh 45.9 -> 33.5 ms; the GEMMs and the rest take ~22.7 ms.
 
 def _layer(fast, act, z, weight, bias):
     """(z_l, s'(a_l), a_l or None) for a_l = W_l z + b_l: a_l is kept for silu, whose s'' needs
