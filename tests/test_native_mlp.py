@@ -131,16 +131,20 @@ def _make(d, widths, seed):
     return [p.requires_grad_() for p in params], x.requires_grad_(), t
 
 
+@pytest.mark.parametrize("block_rows", [4096, 16])
 @pytest.mark.parametrize("passes", ["compiled", "torch-ops"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("d,widths", [(1, (3,)), (17, (130, 20, 9))])
-def test_torch_backend_with_and_without_compiled_passes(passes, act, d, widths, monkeypatch):
+def test_torch_backend_with_and_without_compiled_passes(passes, act, d, widths, block_rows,
+                                                        monkeypatch):
     """u, p, r and every gradient of a random loss of them, fp32, against the float64
-    reference, either way the elementwise steps run."""
+    reference, either way the elementwise steps run; 37 rows in one block, or in blocks of 16
+    (two full, one partial: weight gradients accumulate across blocks)."""
     if passes == "compiled" and not HAS_CC:
         pytest.skip("no C compiler")
     if passes == "torch-ops":
         monkeypatch.setattr(native, "mlp_usable", lambda x: False)
+    monkeypatch.setattr(fused, "_BLOCK_ROWS", block_rows)
     params, x, t = _make(d, widths, seed=d)
     cost = costs.Power(1.5)
     g = torch.Generator().manual_seed(5)
