@@ -41,8 +41,9 @@ __all__ = ["available", "pair_sums", "MAX_D", "DISABLE_ENV", "mlp_usable", "act_
 MAX_D = 8
 DISABLE_ENV = "NCF_FAST_NATIVE"
 SOURCE = Path(__file__).with_name("cpu_pairs.c")
-# the last flag goes after the source (a library to link)
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-lm")
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+          "-shared")
+_LIBS = ("-lm",)  # after the source on the command line (libm's linker script brings libmvec)
 # Columns per tile: each thread's share of the column gradient is tile x d doubles.
 _TILE = 4096
 
@@ -65,7 +66,7 @@ def _cpu_id() -> bytes:
         return platform.machine().encode()
 
 
-def _compile(source: Path, flags) -> ctypes.CDLL | None:
+def _compile(source: Path) -> ctypes.CDLL | None:
     """Compile ``source`` into the cache (once per source, compiler, flags and CPU) and load it;
     None without a working compiler, or with NCF_FAST_NATIVE=0."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
@@ -73,7 +74,8 @@ def _compile(source: Path, flags) -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join((cc, *flags)).encode() + _cpu_id())
+    key = hashlib.sha256(source.read_bytes() + " ".join((cc, *_FLAGS, *_LIBS)).encode()
+                         + _cpu_id())
     target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
@@ -81,7 +83,7 @@ def _compile(source: Path, flags) -> ctypes.CDLL | None:
             fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
             os.close(fd)
             try:
-                subprocess.run([cc, *flags[:-1], str(source), "-o", tmp, flags[-1]], check=True,
+                subprocess.run([cc, *_FLAGS, str(source), "-o", tmp, *_LIBS], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, target)
             finally:
@@ -94,13 +96,19 @@ def _compile(source: Path, flags) -> ctypes.CDLL | None:
 
 @functools.cache
 def _library():
-    lib = _compile(SOURCE, _FLAGS)
+    lib = _compile(SOURCE)
     if lib is not None:
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.ncf_pair_sums.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, i64,
                                       ctypes.c_int]
         lib.ncf_pair_sums.restype = ctypes.c_int
     return lib
+
+
+def _check(status: int, what: str):
+    if status != 0:
+        raise RuntimeError(f"ncf_fast native {what} failed (status {status}); set "
+                           f"{DISABLE_ENV}=0 to use the torch path")
 
 
 def available() -> bool:
@@ -128,9 +136,7 @@ def pair_sums(a: torch.Tensor, b: torch.Tensor, grad_a: bool, grad_b: bool, same
         a.data_ptr(), bt.data_ptr(), n, m, d, int(same), rows.data_ptr(),
         ga.data_ptr() if grad_a else None, gb.data_ptr() if grad_b else None, _TILE,
         torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f"ncf_fast native pair sums failed (status {status}); set "
-                           f"{DISABLE_ENV}=0 to use the torch path")
+    _check(status, "pair sums")
     return (rows.sum(), None if ga is None else ga.to(a.dtype),
             None if gb is None else gb.to(b.dtype))
 
@@ -144,7 +150,7 @@ _KIND = {"softplus": 0, "tanh": 1, "silu": 2}
 
 @functools.cache
 def _mlp_library():
-    lib = _compile(MLP_SOURCE, _FLAGS)
+    lib = _compile(MLP_SOURCE)
     if lib is not None:
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.ncf_act_forward.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i32]
@@ -160,12 +166,6 @@ def mlp_usable(x: torch.Tensor) -> bool:
     """Whether the MLP sweeps over rows of ``x`` take the compiled elementwise passes: fp32 on
     the CPU, and the library compiled (its first call compiles it)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and _mlp_library() is not None
-
-
-def _check(status: int, what: str):
-    if status != 0:
-        raise RuntimeError(f"ncf_fast native {what} failed (status {status}); set "
-                           f"{DISABLE_ENV}=0 to use the torch path")
 
 
 def _ptr(t):
