@@ -278,24 +278,26 @@ def run_checkpoint(args, expname: str) -> str:
     if stamp is None:
         usable = [n for n in runs if os.path.isfile(os.path.join(folder, n, "checkpoints", "latest.pt"))]
         if not usable:
-            raise ValueError(f"no run of {expname!r} with a checkpoint under {folder}"
-                             + (" (only runs of the research code, which ncf_fast reads but cannot "
-                                "continue)" if runs else "") + "; start one without --is_continue/--eval")
+            raise ValueError(f"no run of {expname!r} to continue or evaluate"
+                             + (" (only runs of the research code: ncf_fast reads, not continues them)"
+                                if runs else "; start one without --is_continue/--eval") + f": {folder}")
         stamp = usable[-1]
     elif stamp not in runs:
         near = difflib.get_close_matches(stamp, runs, n=1)
-        raise ValueError(f"--timestamp {stamp}: no run folder {os.path.join(folder, stamp)}"
+        raise ValueError(f"--timestamp {stamp}: no such run of {expname!r}"
                          + (f"; did you mean {near[0]!r}?" if near else
-                            f"; runs there: {', '.join(runs[-5:]) or 'none'}"))
+                            f" (the latest: {', '.join(runs[-3:]) or 'none'})") + f" in {folder}")
     ckpt_dir = os.path.join(folder, stamp, "checkpoints")
     name = "latest.pt" if args.checkpoint in (None, "latest") else f"step_{args.checkpoint:06d}.pt"
     path = os.path.join(ckpt_dir, name)
+    if not os.path.isfile(path) and os.path.isdir(os.path.join(ckpt_dir, "ModelParameters")):
+        raise ValueError(f"--timestamp {stamp}: a run of the research code; ncf_fast reads its "
+                         "checkpoints (transport/evaluate --checkpoint) but cannot continue it")
     if not os.path.isfile(path):
         steps = sorted(int(n[5:11]) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
                        if re.fullmatch(r"step_\d{6}\.pt", n))
-        raise ValueError(f"--checkpoint {args.checkpoint or 'latest'}: the run {os.path.join(folder, stamp)} "
-                         f"has no {name} (checkpoints at steps: "
-                         f"{', '.join(map(str, steps)) or 'none'})")
+        raise ValueError(f"--checkpoint {args.checkpoint or 'latest'}: no {name} (checkpoints at steps "
+                         f"{', '.join(map(str, steps[-8:])) or 'none'}) in {os.path.join(folder, stamp)}")
     return path
 
 

@@ -66,6 +66,14 @@ def test_step_schedule():
             TrainConfig(**bad_field)
 
 
+def test_weight_decay_reaches_adam_and_the_readme_has_the_mapping_table():
+    x = np.random.default_rng(0).standard_normal((64, 2))
+    trainer = NCF(2, device="cpu", seed=0).make_trainer(x, x + 1, TrainConfig(weight_decay=0.01))
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        assert lineage.mapping_markdown() in f.read()
+
+
 def test_lineage_conf_maps_onto_the_keys_and_names_what_it_ignores(tmp_path):
     path = _conf(tmp_path, LINEAGE_CONF)
     cfg = config_mod.load_config(path)
@@ -128,7 +136,7 @@ def test_research_code_flags_are_checked_like_the_others(bad, data, tmp_path_fac
     bad(_train(bad, data, extra=["--checkpoint", "20"]), "--checkpoint", "add --is_continue or --eval")
     bad(_train(bad, data, extra=["--is_continue", "--eval"]), "choose one")
     bad(_train(bad, data, extra=["--is_continue", "--resume", bad.dir]), "--resume", "use one")
-    bad(_train(bad, data, extra=["--is_continue"]), "no run of 'ncf'", "start one")
+    bad(_train(bad, data, extra=["--is_continue"]), "no run of 'ncf' to continue", "start one")
     bad(_train(bad, data, extra=["--gpu", "fast"]), "--gpu", "auto")
     bad(_train(bad, data, extra=["--is_contine"]), "did you mean --is_continue")
 
@@ -266,8 +274,15 @@ def test_lineage_run_folder_via_the_cli(tmp_path, rng, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "time_axis" in err[0] and not out.exists()
     assert cli.main([str(a) for a in args + ["--time_axis", "last"]]) == 0
+    capfd.readouterr()
     ref64, ref32 = _maps(net, x, x, "last", torch.float64), _maps(net, x, x, "last", torch.float32)
     assert_close_to_ref(torch.from_numpy(np.load(out)).double(), ref64[0], ref32[0], "T")
+    cont = ["train", "--home_dir", tmp_path, "--expname", "pinc", "--gpu", "cpu", "--is_continue"]
+    for extra, needle in (([], "only runs of the research code"),
+                          (["--timestamp", run.name], "a run of the research code")):
+        assert cli.main([str(a) for a in cont + extra]) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
 
 
 def test_lineage_checkpoints_that_are_not_a_plain_potential_are_refused(tmp_path):
