@@ -3,6 +3,8 @@
     ncf-fast train --conf setup.conf --data_dir D --input input_data.npy --output output_data.npy
                    [--home_dir H] [--gpu ID|cpu] [--expname NAME] [--steps N] [--seed S]
                    [--resume RUN_DIR] [--backend B] [--input_labels F --output_labels F] [--quiet]
+                   [--nepoch N] [--points_batch N] [--is_continue | --eval] [--timestamp T]
+                   [--checkpoint latest|N]      (the research code's flags: ncf_fast.lineage)
     ncf-fast transport --checkpoint C --input X.npy --out Y.npy [--inverse] [--t T]
     ncf-fast demo [--problem NAME] [--steps N] [--home_dir H]
     ncf-fast evaluate --checkpoint C (--problem gaussian:D[:SEED] | --problem P.npz | --input X --output Y)
