@@ -128,9 +128,9 @@ def _collect(node, name: str, found: dict, ignored: list, source: str):
     else:
         for key, value in node.items():
             child = f"{name}.{key}"
-            known = [k for k in list(_MAPPED) + list(_SECTIONS) if k == child or k.startswith(child + ".")]
-            if not known:
-                near = difflib.get_close_matches(child, list(_MAPPED) + list(_SECTIONS), n=1)
+            names = list(_MAPPED) + list(_SECTIONS)
+            if not any(k == child or k.startswith(child + ".") for k in names):
+                near = difflib.get_close_matches(child, names, n=1)
                 raise ConfigError(f"{source}: unknown key {child!r}" + (
                     f"; did you mean {near[0]!r}?" if near else
                     "; see the README, \"Coming from the research code\""))
@@ -276,7 +276,8 @@ def run_checkpoint(args, expname: str) -> str:
                    if os.path.isdir(os.path.join(folder, n))), key=_run_key)
     stamp = args.timestamp if args.timestamp not in (None, "latest") else None
     if stamp is None:
-        usable = [n for n in runs if os.path.isfile(os.path.join(folder, n, "checkpoints", "latest.pt"))]
+        usable = [n for n in runs
+                  if os.path.isfile(os.path.join(folder, n, "checkpoints", "latest.pt"))]
         if not usable:
             raise ValueError(f"no run of {expname!r} to continue or evaluate"
                              + (" (only runs of the research code: ncf_fast reads, not continues them)"
@@ -361,7 +362,8 @@ def checkpoint_from_lineage(obj: dict, path: str, time_axis: str | None = None,
         raise ValueError(f"{path}: an optimizer state of the research code (OptimizerParameters/); "
                          "pass its model's file, ModelParameters/<epoch>.pth")
     state = obj["model_state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (not isinstance(state, dict) or not state
+            or not all(isinstance(v, torch.Tensor) for v in state.values())):
         raise ValueError(f"{path}: model_state_dict holds no tensors; not a checkpoint of a network")
     layers: dict[int, dict] = {}
     for key, value in state.items():
@@ -384,8 +386,8 @@ def checkpoint_from_lineage(obj: dict, path: str, time_axis: str | None = None,
             raise ValueError(f"{path}: {what}; ncf_fast reads plain MLPs only (retrain without "
                              "skip_in, or with ncf-fast train)")
     if params[-1][0].shape[0] != 1:
-        raise ValueError(f"{path}: lin{count - 1} gives {params[-1][0].shape[0]} outputs; the potential "
-                         "u(x, t) is a scalar")
+        raise ValueError(f"{path}: lin{count - 1} gives {params[-1][0].shape[0]} outputs; the "
+                         "potential u(x, t) is a scalar")
     if d_in < 2:
         raise ValueError(f"{path}: the network takes {d_in} input; u(x, t) takes d + 1 >= 2")
     if time_axis not in ("last", "first"):
@@ -416,7 +418,8 @@ def _linear(p: dict, k: int, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) of lin{k}; a weight-normed layer's W = g v / |v| (one norm per output row)."""
     if "weight_g" in p or "weight_v" in p:
         if "weight_g" not in p or "weight_v" not in p:
-            raise ValueError(f"{path}: lin{k} has only half of a weight-normed weight (weight_g, weight_v)")
+            raise ValueError(f"{path}: lin{k} has only half of a weight-normed weight "
+                             "(weight_g, weight_v)")
         v = p["weight_v"]
         w = p["weight_g"].reshape(-1, 1) * v / v.norm(dim=1, keepdim=True)
     else:
@@ -424,7 +427,8 @@ def _linear(p: dict, k: int, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     b = p.get("bias")
     if w is None or b is None or w.dim() != 2 or tuple(b.shape) != (w.shape[0],):
         shapes = {n: tuple(t.shape) for n, t in p.items()}
-        raise ValueError(f"{path}: lin{k} is not a linear layer (weight (out, in) and bias (out,)): {shapes}")
+        raise ValueError(f"{path}: lin{k} is not a linear layer (weight (out, in) and bias (out,)): "
+                         f"{shapes}")
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
         raise ValueError(f"{path}: lin{k} holds NaN or Inf weights")
     return w, b
@@ -441,8 +445,8 @@ def _beta(path: str) -> float:
         from pyhocon import ConfigFactory
         value = ConfigFactory.parse_file(conf).get("network.inputs.beta", DEFAULT_BETA)
     except Exception as exc:  # pyhocon's parse errors, a missing pyhocon: say which file
-        raise ValueError(f"{conf}: cannot read network.inputs.beta ({' '.join(str(exc).split())[:120]}); "
-                         "pass beta explicitly") from None
+        detail = " ".join(str(exc).split())[:120]
+        raise ValueError(f"{conf}: cannot read network.inputs.beta ({detail}); pass beta explicitly") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{conf}: network.inputs.beta must be a number, got {value!r}")
     return float(value)

@@ -243,7 +243,8 @@ def _save(net, path, epoch=500):
 def test_lineage_checkpoint_loads_and_transports(tmp_path, rng, dim, dims, beta, time_axis):
     net = LineageMLP(dim + 1, dims, beta=beta)
     path = _save(net, tmp_path / "latest.pth")
-    ncf = NCF.load(path, device="cpu", time_axis=time_axis, beta=beta)
+    # no runconf.conf beside it: beta None is the lineage's 100
+    ncf = NCF.load(path, device="cpu", time_axis=time_axis, beta=None if beta == 100.0 else beta)
     assert ncf.dim == dim and ncf.model.hidden == dims and ncf.model.activation == "softplus"
     x, y = rng.standard_normal((37, dim)), rng.standard_normal((41, dim))
     ref64, ref32 = _maps(net, x, y, time_axis, torch.float64), _maps(net, x, y, time_axis, torch.float32)
