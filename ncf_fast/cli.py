@@ -3,6 +3,8 @@
     ncf-fast train --conf setup.conf --data_dir D --input input_data.npy --output output_data.npy
                    [--home_dir H] [--gpu ID|cpu] [--expname NAME] [--steps N] [--seed S]
                    [--resume RUN_DIR] [--backend B] [--input_labels F --output_labels F] [--quiet]
+                   [--nepoch N] [--points_batch N] [--is_continue | --eval] [--timestamp T]
+                   [--checkpoint latest|N]      (the research code's flags: ncf_fast.lineage)
     ncf-fast transport --checkpoint C --input X.npy --out Y.npy [--inverse] [--t T]
     ncf-fast demo [--problem NAME] [--steps N] [--home_dir H]
     ncf-fast evaluate --checkpoint C (--problem gaussian:D[:SEED] | --problem P.npz | --input X --output Y)
@@ -33,7 +35,7 @@ import torch
 
 from . import __version__
 from . import config as config_mod
-from . import distributed
+from . import distributed, lineage
 from .estimator import NCF, default_activation, default_hidden, read_checkpoint, save_atomic, write_atomic
 
 __all__ = ["main", "CLIError"]
@@ -144,6 +146,8 @@ def resolve_device(gpu: str | None) -> torch.device:
     """--gpu ID|cpu -> torch.device; no flag: CUDA device 0 if available, else the CPU.
 
     Under torchrun with K > 1 processes rank r uses cuda:LOCAL_RANK (or --gpu cpu)."""
+    if str(gpu).strip().lower() == "auto":  # the research code's least loaded GPU
+        gpu = None if distributed.launched() else lineage.least_loaded_gpu()
     if distributed.launched() and str(gpu).strip().lower() != "cpu":
         if gpu is not None:
             raise CLIError(f"--gpu {gpu}: under torchrun each rank uses cuda:LOCAL_RANK; choose "
@@ -157,7 +161,7 @@ def resolve_device(gpu: str | None) -> torch.device:
     if text.startswith("cuda:"):
         text = text[5:]
     if not text.isdigit():
-        raise CLIError(f"--gpu takes a CUDA device index such as 0, or cpu; got {gpu!r}")
+        raise CLIError(f"--gpu takes a CUDA device index such as 0, auto or cpu; got {gpu!r}")
     if not torch.cuda.is_available():
         raise CLIError(f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__}"
                        f"{'' if torch.version.cuda else ', a CPU-only build'}); use --gpu cpu")
@@ -244,7 +248,8 @@ def _remove_run(run_dir: str | None, created: list[str]):
 def _checkpoint_file(path: str) -> str:
     """A checkpoint file, or a run folder (-> its checkpoints/latest.pt)."""
     if os.path.isdir(path):
-        for candidate in (os.path.join(path, "checkpoints", "latest.pt"), os.path.join(path, "latest.pt")):
+        for candidate in (os.path.join(path, "checkpoints", "latest.pt"), os.path.join(path, "latest.pt"),
+                          *lineage.lineage_run_checkpoints(path)):
             if os.path.isfile(candidate):
                 return candidate
         raise CLIError(f"{path}: a folder without checkpoints/latest.pt; pass a run folder written by "
@@ -254,15 +259,15 @@ def _checkpoint_file(path: str) -> str:
     return path
 
 
-def _read_checkpoint(path: str) -> dict:
+def _read_checkpoint(path: str, time_axis=None) -> dict:
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, time_axis)
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from None
 
 
-def _load_model(path: str, device) -> NCF:
-    ckpt = _read_checkpoint(path)
+def _load_model(path: str, device, time_axis=None) -> NCF:
+    ckpt = _read_checkpoint(path, time_axis)
     try:
         return NCF.from_checkpoint(ckpt, device=device, path=path)
     except (ValueError, TypeError) as exc:
@@ -283,6 +288,7 @@ def _overrides(args) -> dict:
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
+    out.update(lineage.overrides(args))  # --points_batch
     return out
 
 
@@ -329,6 +335,10 @@ def _build(cfg: dict, data: dict, device) -> tuple[NCF, object]:
 
 def cmd_train(args) -> int:
     device = resolve_device(args.gpu)
+    if lineage.continues(args):  # the research code's --is_continue/--eval [--timestamp] [--checkpoint]
+        args.resume = lineage.run_checkpoint(args, args.expname or _load_config(args)["run.expname"])
+        if args.eval:
+            return cmd_evaluate(lineage.eval_args(args, _read_checkpoint(args.resume)))
     if args.resume:
         return _resume(args, device, distributed.setup(device))
     cfg = _load_config(args)
@@ -367,6 +377,7 @@ def _start_run(args, cfg, data, paths, ncf, trainer, home, problem) -> int:
     # torchrun: rank 0 alone makes the one run folder and names it to the others
     run_dir, created, run = create() if trainer.dist is None else trainer.dist.run_on_main(create)
     try:
+        _report_ignored(args)
         _info(args, f"run folder {run_dir}\n{ncf!r}, {data['input'].shape[0]} source and "
                     f"{data['output'].shape[0]} target samples"
               + (f", {trainer.dist.world_size} ranks" if trainer.dist is not None else ""))
@@ -454,9 +465,17 @@ def _resume(args, device, ctx=None) -> int:
             _write_text(os.path.join(run_dir, "setup.conf"), config_mod.to_hocon(cfg))
     if ctx is not None:
         run["ranks"] = ctx.world_size
+    _report_ignored(args)
     _info(args, f"resuming {run_dir} at step {step} of {cfg['train.steps']}"
           + (f" on {ctx.world_size} ranks" if ctx is not None else ""))
     return _train_and_finish(args, run_dir, run, ncf, trainer, data)
+
+
+def _report_ignored(args):
+    """The research code's setup.conf keys that mean nothing here: one line, once a run starts."""
+    line = lineage.take_ignored(getattr(args, "conf", None))
+    if line is not None and distributed.is_main():
+        print(f"ncf-fast: {line}", file=sys.stderr, flush=True)
 
 
 def _truncate_log(path: str, step: int):
@@ -757,7 +776,7 @@ def cmd_transport(args) -> int:
     if args.inverse and args.t is not None:
         raise CLIError("--t gives a point on the forward characteristics x(t); it cannot be combined "
                        "with --inverse")
-    ncf = _load_model(ckpt_path, device)
+    ncf = _load_model(ckpt_path, device, getattr(args, "time_axis", None))
     x = load_array(args.input, "--input")
     if x.shape[1] != ncf.dim:
         raise CLIError(f"{args.input} has dimension {x.shape[1]} but the checkpoint {ckpt_path} was "
@@ -785,7 +804,7 @@ def cmd_evaluate(args) -> int:
         raise CLIError("evaluate needs --problem (gaussian:D[:SEED], a .npz, a toy pair) or "
                        "--input and --output sample files")
     problem = _parse_problem(args.problem) if args.problem is not None else None
-    ncf = _load_model(ckpt_path, device)
+    ncf = _load_model(ckpt_path, device, getattr(args, "time_axis", None))
     if problem is not None:
         if problem.dim != ncf.dim:
             raise CLIError(f"--problem {args.problem} has dimension {problem.dim} but the checkpoint "
@@ -874,6 +893,9 @@ def _number(text):
     return value
 
 
+_TIME_AXIS = "a checkpoint of the research code: its network's input is [x, t] (last) or [t, x] (first)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ncf-fast", description="Optimal transport with Neural Characteristic "
                      "Flows: train a map, apply it, check it. `ncf-fast demo` needs no files.")
@@ -882,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
 
     def common(p):
-        p.add_argument("--gpu", metavar="ID|cpu", help="CUDA device index or cpu "
+        p.add_argument("--gpu", metavar="ID|auto|cpu", help="CUDA device index, auto or cpu "
                        "(default: CUDA device 0 if available, else cpu)")
         p.add_argument("--quiet", "-q", action="store_true",
                        help="no progress bar: one plain line per held-out check (for log files)")
@@ -903,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), help="model.backend")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR "
                    "(same step, optimizer, schedule and random stream); --steps may extend it")
+    lineage.add_train_flags(p, _positive_int)  # the research code's run.py flags
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -914,6 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="Y.npy", help="where to write the result")
     p.add_argument("--inverse", action="store_true", help="backward map T^-1 instead of T")
     p.add_argument("--t", type=_number, metavar="T", help="point x(t) on the characteristic, 0 <= t <= t_f")
+    p.add_argument("--time_axis", choices=("last", "first"), help=_TIME_AXIS)
     common(p)
     p.set_defaults(func=cmd_transport)
 
@@ -944,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=10_000, metavar="N",
                    help="samples drawn from --problem (default: 10000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--time_axis", choices=("last", "first"), help=_TIME_AXIS)
     common(p)
     p.set_defaults(func=cmd_evaluate)
     return parser

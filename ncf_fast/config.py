@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 from .sampling import COLLOCATION_KINDS
-from .trainer import LOW_DIM_MAX, TrainConfig, dimension_defaults
+from .trainer import LOW_DIM_MAX, LR_SCHEDULES, TrainConfig, dimension_defaults
 
 __all__ = ["ConfigError", "KEYS", "defaults", "load_config", "parse_config", "to_hocon",
            "keys_markdown", "model_kwargs", "train_config"]
@@ -81,6 +81,13 @@ KEYS: tuple[Key, ...] = (
         nullable=True),
     Key("train.lr_final", _TC.lr_final, "float", "learning rate at the end of the cosine decay", minimum=0),
     Key("train.warmup", _TC.warmup, "int", "linear warm-up steps", minimum=0),
+    Key("train.lr_schedule", _TC.lr_schedule, "choice", "after the warm-up: cosine decay to lr_final, "
+        "or step: lr x lr_factor every lr_interval steps (the research code's Step)", LR_SCHEDULES),
+    Key("train.lr_interval", _TC.lr_interval, "int", "steps between the step schedule's decays",
+        positive=True),
+    Key("train.lr_factor", _TC.lr_factor, "float", "the step schedule's factor per interval",
+        positive=True),
+    Key("train.weight_decay", _TC.weight_decay, "float", "Adam's L2 weight decay", minimum=0),
     Key("train.mmd_weight", _TC.mmd_weight, "float",
         f"lambda in L = L_HJ + lambda L_MMD; null: {_by_dim('mmd_weight')}", minimum=0,
         nullable=True),
@@ -210,7 +217,8 @@ def parse_config(tree: dict, source: str = "setup.conf", overrides: dict | None 
 
     Precedence: :data:`KEYS` defaults < ``base`` (e.g. the demo's lighter defaults) < ``tree`` <
     ``overrides`` (command-line flags). Returns {dotted key: value} for every key."""
-    flat: dict = {}
+    from . import lineage  # the research code's setup.conf schema, mapped onto these keys
+    tree, flat = lineage.translate(tree, source)
     _flatten(tree, "", flat, source)
     for name, value in (overrides or {}).items():
         if name not in _BY_NAME:

@@ -392,9 +392,13 @@ class NCF:
         save_atomic(self.to_checkpoint(include_trainer), path)
 
     @classmethod
-    def load(cls, path, device=None) -> "NCF":
-        """Load a model saved by :meth:`save` (or a CLI checkpoint). Never executes code from the file."""
-        return cls.from_checkpoint(read_checkpoint(path), device=device, path=path)
+    def load(cls, path, device=None, time_axis: str | None = None, beta: float | None = None) -> "NCF":
+        """Load a model saved by :meth:`save` (or a CLI checkpoint). Never executes code from the file.
+
+        Also reads the research code's ``{"epoch", "model_state_dict"}`` of a plain MLP potential;
+        time_axis ("last": input [x, t], "first": [t, x]) and beta are for those (see
+        :func:`ncf_fast.lineage.checkpoint_from_lineage`)."""
+        return cls.from_checkpoint(read_checkpoint(path, time_axis, beta), device=device, path=path)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device=None, path="checkpoint") -> "NCF":
@@ -417,8 +421,11 @@ class NCF:
         return ncf
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
+def read_checkpoint(path, time_axis: str | None = None, beta: float | None = None) -> dict:
+    """torch.load(weights_only=True) with errors that say what is wrong with the file.
+
+    A checkpoint of the research code comes back converted (time_axis, beta: see
+    :func:`ncf_fast.lineage.checkpoint_from_lineage`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -432,6 +439,10 @@ def read_checkpoint(path) -> dict:
             raise ValueError(f"{path}: refusing to load: the file holds pickled Python objects "
                              "(only tensors and plain data are allowed)") from None
         raise ValueError(f"{path}: truncated or corrupted checkpoint ({first[:120]})") from None
+    if isinstance(ckpt, dict) and "format" not in ckpt and (
+            "model_state_dict" in ckpt or "optimizer_state_dict" in ckpt):  # the research code's
+        from .lineage import checkpoint_from_lineage
+        ckpt = {"format": FORMAT, **checkpoint_from_lineage(ckpt, path, time_axis, beta)}
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an ncf_fast checkpoint (missing format tag {FORMAT!r})")
     return ckpt

@@ -1,4 +1,4 @@
-"""The training loop: Adam on L = L_HJ + lambda L_MMD with a warm-up + cosine learning-rate schedule."""
+"""The training loop: Adam on L = L_HJ + lambda L_MMD with a warm-up + cosine (or step) learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,9 @@ from .energy import (class_conditional_energy_distance, class_conditional_witnes
 from .losses import hj_residual
 from .sampling import Collocation, SampleSet
 
-__all__ = ["TrainConfig", "Trainer", "lr_at", "dimension_defaults"]
+__all__ = ["TrainConfig", "Trainer", "lr_at", "dimension_defaults", "LR_SCHEDULES"]
+
+LR_SCHEDULES = ("cosine", "step")
 
 # Rows of the target batch for the (constant) within-target term of the logged L_MMD.
 _WITHIN_ROWS = 256
@@ -78,7 +80,9 @@ class TrainConfig:
     mmd_batch_size pushed samples, all active. passive_age: steps a passive pushed sample is
     reused (the passive set is refreshed by mmd_batch_size / passive_age rows a step).
     lr: peak Adam learning rate; lr_final: the cosine schedule's end value; warmup: linear
-    warm-up steps. mmd_weight: lambda. collocation: mixture weights of rho
+    warm-up steps. lr_schedule: "cosine" (decay to lr_final) or "step" (lr * lr_factor every
+    lr_interval steps, the research code's Step schedule). weight_decay: Adam's L2 penalty.
+    mmd_weight: lambda. collocation: mixture weights of rho
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
@@ -92,6 +96,10 @@ class TrainConfig:
     lr: float | None = None
     lr_final: float = 2e-5
     warmup: int = 100
+    lr_schedule: str = "cosine"
+    lr_interval: int = 2000
+    lr_factor: float = 0.5
+    weight_decay: float = 0.0
     mmd_weight: float | None = None
     collocation: dict | None = None
     box_margin: float = 0.1
@@ -106,6 +114,10 @@ class TrainConfig:
             if f.name == "collocation":
                 if not isinstance(value, dict):
                     raise TypeError(f"collocation must be a dict of weights, got {type(value).__name__}")
+                continue
+            if f.name == "lr_schedule":
+                if value not in LR_SCHEDULES:
+                    raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {value!r}")
                 continue
             kind = int if f.type in ("int", int, "int | None") else float
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -124,6 +136,11 @@ class TrainConfig:
         for name in ("lr_final", "warmup", "mmd_weight", "box_margin", "holdout"):
             if given(name) and (getattr(self, name) < 0 or not math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_interval < 1 or not 0 < self.lr_factor < math.inf:
+            raise ValueError(f"the step schedule needs lr_interval >= 1 and a finite lr_factor > 0, "
+                             f"got {self.lr_interval} and {self.lr_factor}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if given("mmd_batch_size") and self.mmd_batch_size < 2:
             raise ValueError(f"mmd_batch_size must be at least 2, got {self.mmd_batch_size}")
 
@@ -149,9 +166,12 @@ class TrainConfig:
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate at ``step``: linear warm-up to lr, then cosine decay to lr_final."""
+    """Learning rate at ``step``: linear warm-up to lr, then cosine decay to lr_final (or, with
+    lr_schedule "step", lr * lr_factor ** (step // lr_interval))."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
+    if config.lr_schedule == "step":
+        return config.lr * config.lr_factor ** (step // config.lr_interval)
     span = max(config.steps - config.warmup, 1)
     frac = min((step - config.warmup) / span, 1.0)
     return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * frac))
@@ -172,6 +192,7 @@ class Trainer:
         self.model = ncf.model
         # fused=True: one kernel for all parameters (CPU and CUDA), measurably cheaper per step
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay,
                                           fused=self.model.layers[0].weight.dtype in
                                           (torch.float32, torch.float64))
         self.step_count = 0
