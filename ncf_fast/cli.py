@@ -209,11 +209,16 @@ def _write_text(path: str, text: str):
 
 
 # -------------------------------------------------------------------------------- run folder
+def _check_printable(path: str, what: str):
+    """Paths printed as the last stdout line: a newline in them would break that contract."""
+    bad = next((c for c in str(path) if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise CLIError(f"{what} {str(path)!r} contains the control character {bad!r}")
+
+
 def _check_home(home: str) -> str:
     """Absolute home_dir, refused early if it cannot hold a run folder (nothing is created)."""
-    bad = next((c for c in str(home) if ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:  # a newline would break the "run folder is the last stdout line" contract
-        raise CLIError(f"home_dir {home!r} contains the control character {bad!r}")
+    _check_printable(home, "home_dir")
     home = os.path.abspath(os.path.expanduser(home))
     probe = home
     while not os.path.exists(probe):
@@ -734,8 +739,11 @@ def _parse_problem(spec: str) -> _Problem:
     from . import problems
     text = str(spec).strip()
     if text.lower().endswith(".npz") or os.path.sep in text:
-        if not os.path.isfile(text):
-            raise CLIError(f"{text}: no such .npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        from .data import check_regular_file
+        try:
+            check_regular_file(text, ".npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        except (ValueError, FileNotFoundError) as exc:
+            raise CLIError(str(exc)) from None
         try:
             gauss = problems.GaussianOT.from_npz(text, seed=0)
         except (ValueError, OSError, KeyError) as exc:
@@ -795,6 +803,7 @@ def cmd_demo(args) -> int:
 # -------------------------------------------------------------------------------- transport
 def cmd_transport(args) -> int:
     device = resolve_device(args.gpu)
+    _check_printable(args.out, "--out")
     ckpt_path = _checkpoint_file(args.checkpoint)
     out = os.path.abspath(args.out)
     if not out.endswith(".npy"):

@@ -26,13 +26,14 @@ import os
 import re
 from dataclasses import dataclass
 
+from .data import check_regular_file
 from .sampling import COLLOCATION_KINDS
 from .trainer import LOW_DIM_MAX, TrainConfig, dimension_defaults
 
 __all__ = ["ConfigError", "KEYS", "MAX_BYTES", "defaults", "load_config", "parse_config",
            "to_hocon", "keys_markdown", "model_kwargs", "train_config"]
 
-# every key with a comment fits in ~4 KiB; pyhocon needs ~16 s per MiB, so refuse early
+# every key with a comment fits in a few KiB; pyhocon is slow on big files: refuse them unread
 MAX_BYTES = 64 * 1024
 
 
@@ -267,7 +268,6 @@ def load_config(path: str | None = None, overrides: dict | None = None,
     if path is None:
         return parse_config({}, "defaults", overrides, base)
     path = os.fspath(path)
-    from .data import check_regular_file
     try:
         check_regular_file(path, "config file", MAX_BYTES)
         with open(path, "rb") as f:

@@ -78,6 +78,9 @@ class NCF:
         dtype: torch.float32 or torch.float64.
         seed: seeds the initialisation and the training stream; None draws one (kept in ``seed``).
         backend: "auto", "reference", "torch" or "triton" (see :class:`ncf_fast.PotentialMLP`).
+
+    The maps (transport, inverse, interpolate, potential) raise ValueError until :meth:`fit` or
+    :meth:`make_trainer` has run or the model came from :meth:`load` (``fitted`` says which).
     """
 
     def __init__(self, dim: int, hidden=None, activation: str | None = None, cost="quadratic",

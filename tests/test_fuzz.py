@@ -33,7 +33,7 @@ class _Hang(Exception):
 
 
 @contextlib.contextmanager
-def _guard(case: str, allowed_file: str | None, monkeypatch):
+def _guard(case: str, allowed_file: str | None):
     """Fail on a hang, a warning, a connection or an open() of any other file."""
     opened, connects = [], []
     real_open = builtins.open
@@ -48,26 +48,25 @@ def _guard(case: str, allowed_file: str | None, monkeypatch):
 
     def alarm(signum, frame):
         raise _Hang(case)
-    monkeypatch.setattr(builtins, "open", spy_open)
-    monkeypatch.setattr(socket.socket, "connect", spy_connect)
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(20)
     try:
-        with warnings.catch_warnings():
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+            patch.setattr(builtins, "open", spy_open)
+            patch.setattr(socket.socket, "connect", spy_connect)
             warnings.simplefilter("error")
             yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-        monkeypatch.undo()
     assert not connects, f"{case}: tried to connect to {connects}"
     others = [p for p in opened if isinstance(p, str) and p != allowed_file]
     assert not others, f"{case}: opened {others}"
 
 
-def _run(case, fn, allowed_file, monkeypatch):
+def _run(case, fn, allowed_file):
     try:
-        with _guard(case, allowed_file, monkeypatch):
+        with _guard(case, allowed_file):
             fn()
         return "loaded"
     except CLEAN as exc:
@@ -167,10 +166,8 @@ def test_fuzz_npy_files_through_the_cli_loaders(tmp_path, monkeypatch):
         raw = _npy_with_header(rng) if k % 4 == 0 else (_mutate_bytes(rng, raw) if k % 4 else raw)
         with open(path, "wb") as f:
             f.write(raw)
-        outcomes.append(_run(f"npy case {k}", lambda: cli.load_array(path, "--input"), path,
-                             monkeypatch))
-        outcomes.append(_run(f"labels case {k}", lambda: cli.load_labels(path, 20, "--labels"), path,
-                             monkeypatch))
+        outcomes.append(_run(f"npy case {k}", lambda: cli.load_array(path, "--input"), path))
+        outcomes.append(_run(f"labels case {k}", lambda: cli.load_labels(path, 20, "--labels"), path))
         os.unlink(path)
     assert os.listdir(tmp_path) == []
     assert outcomes.count("loaded") > 10 and outcomes.count("refused") > 100  # both paths ran
@@ -225,7 +222,7 @@ def test_fuzz_checkpoints_through_the_cli_and_the_library(tmp_path, monkeypatch,
             model = NCF.load(path)
             out = model.transport(np.zeros((3, 2)))
             assert np.isfinite(out).all(), "a loaded model maps to NaN"
-        outcomes.append(_run(f"checkpoint case {k}", load, path, monkeypatch))
+        outcomes.append(_run(f"checkpoint case {k}", load, path))
         os.unlink(path)
     assert os.listdir(tmp_path) == []
     assert outcomes.count("refused") > 60
@@ -240,14 +237,13 @@ def test_fuzz_setup_conf_files(tmp_path, monkeypatch):
         path = str(tmp_path / f"case_{k}.conf")
         with open(path, "w", encoding="utf-8") as f:
             f.write(_mutate_conf(rng, text))
-        outcomes.append(_run(f"conf case {k}", lambda: config_mod.load_config(path), path,
-                             monkeypatch))
+        outcomes.append(_run(f"conf case {k}", lambda: config_mod.load_config(path), path))
         os.unlink(path)
     assert os.listdir(tmp_path) == []
     assert outcomes.count("loaded") > 5 and outcomes.count("refused") > 50
 
 
-def test_fuzz_arrays_through_the_library_checks(monkeypatch):
+def test_fuzz_arrays_through_the_library_checks():
     rng = np.random.default_rng(SEED + 3)
     dtypes = [np.float32, np.float64, np.float16, np.int64, np.bool_, np.complex64, object]
     outcomes = []
@@ -259,8 +255,6 @@ def test_fuzz_arrays_through_the_library_checks(monkeypatch):
         with np.errstate(all="ignore"):
             arr = arr.astype(dtypes[rng.integers(len(dtypes))])
         data = torch.from_numpy(arr) if arr.dtype.kind == "f" and rng.integers(2) else arr
-        outcomes.append(_run(f"array case {k}", lambda: check_samples(data, "x", None), None,
-                             monkeypatch))
-        outcomes.append(_run(f"label case {k}", lambda: check_labels(data, 20, "labels"), None,
-                             monkeypatch))
+        outcomes.append(_run(f"array case {k}", lambda: check_samples(data, "x", None), None))
+        outcomes.append(_run(f"label case {k}", lambda: check_labels(data, 20, "labels"), None))
     assert outcomes.count("loaded") > 20 and outcomes.count("refused") > 100

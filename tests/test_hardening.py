@@ -85,6 +85,8 @@ def test_expname_must_name_a_folder_inside_exps(bad, data, tmp_path, monkeypatch
     assert os.listdir(fake_home) == []
     with pytest.raises(cli.CLIError, match="control character"):
         cli._check_home(str(tmp_path / "two\nlines"))
+    bad(["transport", "--checkpoint", tmp_path, "--input", data / "input_data.npy", "--out",
+         tmp_path / "y\n.npy"], "--out", "control character")
 
 
 def test_nested_expname_is_a_folder_inside_exps():
@@ -101,6 +103,7 @@ INCLUDES = [
     'include required(url("{url}"))',
     'include "{url}"',
     'INCLUDE "{url}"',
+    '\u0131nclude "{url}"',  # dotless i: pyparsing's caseless match upper-cases it to INCLUDE
     'train {{ include url("{url}") }}',
     'run {{ checkpoint_every = 5, include"{url}" }}',
     'train.steps = 5\ninclude file("{secret}")',
