@@ -104,7 +104,7 @@ def load_labels(path: str, n: int, what: str) -> np.ndarray:
 def _load_npy(path: str, what: str) -> np.ndarray:
     from .data import check_regular_file
     try:
-        info = check_regular_file(path, f".npy file ({what})")
+        info = check_regular_file(path, f".npy file for {what}")
         with open(path, "rb") as f:
             head = f.read(6)
             if head == b"\x93NUMPY":

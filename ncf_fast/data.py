@@ -39,7 +39,8 @@ def check_regular_file(path, noun: str, max_bytes: int | None = None) -> os.stat
     if not stat.S_ISREG(info.st_mode):
         kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else
                 "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
-        raise ValueError(f"{path}: not a regular file ({kind}); the {noun} must be a regular file")
+        raise ValueError(f"{path}: {kind}, not a regular file; the {noun} must be a regular file "
+                         "(pipes and devices are not read)")
     if max_bytes is not None and info.st_size > max_bytes:
         raise ValueError(f"{path}: {info.st_size / 1024:.0f} KiB is larger than the "
                          f"{max_bytes // 1024} KiB limit for a {noun}")

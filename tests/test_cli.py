@@ -481,7 +481,12 @@ def test_checkpoint_with_a_pickled_object_is_refused(bad, reference_run, files, 
 def test_subprocess_errors_exit_2_with_one_line(data, tmp_path):
     """The same refusals through a real process: status 2, one line, no traceback, no folder."""
     home = tmp_path / "home"
-    cases = [(train_args(data, home, "--input", "missing.npy"), "missing.npy: no such .npy file")]
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.where(np.arange(600).reshape(300, 2) == 11, 1e30, 0.0).astype(np.float32))
+    cases = [(train_args(data, home, "--input", "missing.npy"), "missing.npy: no such .npy file"),
+             (train_args(data, home, "--expname", tmp_path / "abs"), "relative folder"),
+             (train_args(data, home, "--expname", "../x"), "'../x'"),
+             (train_args(data, home, "--input", huge), "1e+30 at row 5, column 1")]
     if not torch.cuda.is_available():
         cases.append((train_args(data, home, "--gpu", "0"), "CUDA is not available"))
     for args, needle in cases:
@@ -489,7 +494,7 @@ def test_subprocess_errors_exit_2_with_one_line(data, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
-        assert not home.exists()
+        assert not home.exists() and sorted(os.listdir(tmp_path)) == ["huge.npy"]
 
 
 def test_import_needs_neither_matplotlib_nor_pyhocon():
