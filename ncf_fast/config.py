@@ -33,8 +33,9 @@ from .trainer import LOW_DIM_MAX, TrainConfig, dimension_defaults
 __all__ = ["ConfigError", "KEYS", "MAX_BYTES", "defaults", "load_config", "parse_config",
            "to_hocon", "keys_markdown", "model_kwargs", "train_config"]
 
-# every key with a comment fits in a few KiB; pyhocon is slow on big files: refuse them unread
-MAX_BYTES = 64 * 1024
+# the documented setup.conf with every key is ~3 KB; pyhocon is slow (superlinear in long lists)
+# on big files: refuse them unread
+MAX_BYTES = 16 * 1024
 
 
 class ConfigError(ValueError):
