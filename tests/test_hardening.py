@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from ncf_fast import NCF, cli, estimator
+from ncf_fast import NCF, cli
 from ncf_fast import config as config_mod
 from ncf_fast.data import check_samples
 from ncf_fast.estimator import read_checkpoint
-from test_cli import (TINY_CONF, _train, bad, data, files, reference_run, last_line,  # noqa: F401
-                      run_cli, train_args)
+from test_cli import _train, bad, data, run_cli, train_args  # noqa: F401 (fixtures)
 
 
 def tree(root) -> list[str]:
