@@ -12,7 +12,8 @@
 ``python -m ncf_fast`` with the original research code's flags and no sub-command means ``train``.
 A run writes one folder ``H/exps/NAME/<timestamp>/`` (see :func:`_create_run_dir`) and prints its
 absolute path as the last line of stdout. User mistakes print one line on stderr and exit with
-status 2 without writing anything; set NCF_FAST_DEBUG=1 to see tracebacks.
+status 2 without writing anything (a full disk too, keeping the last checkpoint); set
+NCF_FAST_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import torch
 from . import __version__
 from . import config as config_mod
 from . import distributed, lineage
-from .estimator import NCF, default_activation, default_hidden, read_checkpoint, save_atomic, write_atomic
+from .estimator import (DISK_FULL, NCF, default_activation, default_hidden, read_checkpoint, save_atomic,
+                        write_atomic)
 
 __all__ = ["main", "CLIError"]
 
@@ -102,13 +104,16 @@ def load_labels(path: str, n: int, what: str) -> np.ndarray:
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise CLIError(f"{path}: no such file ({what})")
-    if os.path.isdir(path):
-        raise CLIError(f"{path}: is a directory; {what} must be a .npy file")
+    from .data import check_regular_file
     try:
+        info = check_regular_file(path, f".npy file for {what}")
         with open(path, "rb") as f:
             head = f.read(6)
+            if head == b"\x93NUMPY":
+                f.seek(0)
+                _check_npy_size(f, info.st_size)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"{path}: cannot read {what} ({exc.strerror})") from None
     if head != b"\x93NUMPY":
@@ -127,6 +132,27 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     if arr.dtype.hasobject:
         raise CLIError(f"{path}: {what} holds Python objects; save a numeric array instead")
     return arr
+
+
+def _check_npy_size(f, size: int):
+    """The header's shape times the item size against the bytes on disk, before numpy allocates
+    the array a (possibly mangled) header asks for."""
+    fmt = np.lib.format
+    try:
+        reader = {(1, 0): fmt.read_array_header_1_0,
+                  (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
+        if reader is None:  # format 3.0 (utf-8 header): np.load checks it
+            return
+        shape, _, dtype = reader(f)
+    except Exception:  # noqa: BLE001 - a mangled header: np.load names the problem below
+        return
+    if dtype.hasobject:
+        return
+    need = math.prod(shape) * dtype.itemsize
+    if need > size - f.tell():
+        raise ValueError(f"{f.name}: truncated or corrupted .npy file (its header says shape "
+                         f"{tuple(shape)} of {dtype}, {need} bytes, but the file holds "
+                         f"{size - f.tell()})")
 
 
 def _first_line(exc) -> str:
@@ -187,8 +213,16 @@ def _write_text(path: str, text: str):
 
 
 # -------------------------------------------------------------------------------- run folder
+def _check_printable(path: str, what: str):
+    """Paths printed as the last stdout line: a newline in them would break that contract."""
+    bad = next((c for c in str(path) if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise CLIError(f"{what} {str(path)!r} contains the control character {bad!r}")
+
+
 def _check_home(home: str) -> str:
     """Absolute home_dir, refused early if it cannot hold a run folder (nothing is created)."""
+    _check_printable(home, "home_dir")
     home = os.path.abspath(os.path.expanduser(home))
     probe = home
     while not os.path.exists(probe):
@@ -218,8 +252,12 @@ def _create_run_dir(home: str, expname: str) -> tuple[str, list[str]]:
     created, run_dir = [], None
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
-            created.append(folder)
+            try:
+                os.mkdir(folder)
+                created.append(folder)
+            except FileExistsError:  # another run made it a moment ago: share it
+                if not os.path.isdir(folder):
+                    raise
         for k in range(1, 1000):  # two runs started in the same second get _2, _3, ...
             try:
                 run_dir = os.path.join(parent, stamp if k == 1 else f"{stamp}_{k}")
@@ -554,20 +592,28 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
         ranks = ctx.gather_objects(_rank_stream(trainer)) if ctx is not None else None
         if not main:
             return
-        if rows:  # the log first: on a crash it may run ahead of the checkpoint, never behind
-            with open(log_path, "a") as f:
-                f.write("".join(rows))
-                f.flush()
-                os.fsync(f.fileno())
-            rows.clear()
-        ckpt = ncf.to_checkpoint(include_trainer=True)
-        if ranks is not None:
-            ckpt["trainer"]["ranks"] = ranks
-        ckpt["run"] = {**run, "seconds": seconds()}
-        step = trainer.step_count
-        if periodic:
-            save_atomic(ckpt, os.path.join(ckpt_dir, f"step_{step:06d}.pt"))
-        save_atomic(ckpt, os.path.join(ckpt_dir, "latest.pt"))
+        target = log_path
+        try:
+            if rows:  # the log first: on a crash it may run ahead of the checkpoint, never behind
+                with open(log_path, "a") as f:
+                    f.write("".join(rows))
+                    f.flush()
+                    os.fsync(f.fileno())
+                rows.clear()
+            ckpt = ncf.to_checkpoint(include_trainer=True)
+            if ranks is not None:
+                ckpt["trainer"]["ranks"] = ranks
+            ckpt["run"] = {**run, "seconds": seconds()}
+            step = trainer.step_count
+            if periodic:
+                target = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
+                save_atomic(ckpt, target)
+            target = os.path.join(ckpt_dir, "latest.pt")
+            save_atomic(ckpt, target)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise CLIError(_disk_full_message(exc.filename or target, run_dir)) from None
 
     bar = tqdm(total=total, initial=trainer.step_count, unit="step", desc="NCF", dynamic_ncols=True,
                disable=args.quiet or not main, file=sys.stderr, mininterval=0.25)
@@ -623,6 +669,14 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
     if main:  # outputs, metrics and plots: rank 0
         _finish(args, run_dir, run, ncf, data)
     return 0
+
+
+def _disk_full_message(path: str, run_dir: str | None = None) -> str:
+    latest = os.path.join(run_dir, "checkpoints", "latest.pt") if run_dir else None
+    if latest and os.path.exists(latest):
+        return (f"no space left on device writing {path}; {latest} still holds the last complete "
+                f"checkpoint: free some space, then continue with ncf-fast train --resume {run_dir}")
+    return f"no space left on device writing {path}; free some space and run again"
 
 
 def _rank_stream(trainer) -> dict:
@@ -704,8 +758,11 @@ def _parse_problem(spec: str) -> _Problem:
     from . import problems
     text = str(spec).strip()
     if text.lower().endswith(".npz") or os.path.sep in text:
-        if not os.path.isfile(text):
-            raise CLIError(f"{text}: no such .npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        from .data import check_regular_file
+        try:
+            check_regular_file(text, ".npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        except (ValueError, FileNotFoundError) as exc:
+            raise CLIError(str(exc)) from None
         try:
             gauss = problems.GaussianOT.from_npz(text, seed=0)
         except (ValueError, OSError, KeyError) as exc:
@@ -765,6 +822,7 @@ def cmd_demo(args) -> int:
 # -------------------------------------------------------------------------------- transport
 def cmd_transport(args) -> int:
     device = resolve_device(args.gpu)
+    _check_printable(args.out, "--out")
     ckpt_path = _checkpoint_file(args.checkpoint)
     out = os.path.abspath(args.out)
     if not out.endswith(".npy"):
@@ -1013,6 +1071,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug or a device failure: still one line
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # outputs, run folder
+            print(f"ncf-fast: error: {_disk_full_message(exc.filename or '?')}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"ncf-fast: error: {distributed.rank_prefix()}{type(exc).__name__}: "
               f"{_first_line(exc)} (set NCF_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

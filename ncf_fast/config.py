@@ -10,6 +10,12 @@ The file has three sections; every key has a default, so an empty file is valid:
 :func:`keys_markdown`). Precedence: defaults < the file < command-line flags. An unknown key or a
 value of the wrong type raises :class:`ConfigError` naming the key and the closest valid one.
 pyhocon is imported only when a file is actually read, so ``import ncf_fast`` does not need it.
+
+What a file may do (checked before pyhocon sees the text): at most :data:`MAX_BYTES`; no
+``include`` of any kind (a setup.conf is self-contained, like the copy in each run folder, and
+never opens another file or a URL); substitutions ``${key}`` / ``${?VAR}`` are resolved from the
+file, then the environment, and the resolved values are checked like any other (``run.expname =
+${HOME}`` is refused: an expname is a relative folder inside HOME/exps).
 """
 from __future__ import annotations
 
@@ -17,13 +23,19 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
+from .data import check_regular_file
 from .sampling import COLLOCATION_KINDS
 from .trainer import LOW_DIM_MAX, LR_SCHEDULES, TrainConfig, dimension_defaults
 
-__all__ = ["ConfigError", "KEYS", "defaults", "load_config", "parse_config", "to_hocon",
-           "keys_markdown", "model_kwargs", "train_config"]
+__all__ = ["ConfigError", "KEYS", "MAX_BYTES", "defaults", "load_config", "parse_config",
+           "to_hocon", "keys_markdown", "model_kwargs", "train_config"]
+
+# the documented setup.conf with every key is ~3 KB; pyhocon is slow (superlinear in long lists)
+# on big files: refuse them unread
+MAX_BYTES = 16 * 1024
 
 
 class ConfigError(ValueError):
@@ -145,6 +157,22 @@ def _describe(value) -> str:
     return repr(value)
 
 
+def _check_expname(name: str, where: str):
+    """An expname names a folder inside HOME/exps: relative, no '..', no control characters (a
+    newline would also break the 'run folder is the last line of stdout' contract)."""
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"{where} contains the control character {bad!r}; use letters, digits, "
+                          "'-', '_' and '/' for subfolders")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith("~") or ".." in parts or not any(
+            p not in ("", ".") for p in parts):
+        raise ConfigError(f"{where} must be a relative folder name inside HOME/exps (such as ncf or "
+                          f"group/run1, no '..'), got {name!r}")
+    if any(len(p.encode("utf-8")) > 255 for p in parts):
+        raise ConfigError(f"{where}: a folder name is longer than 255 bytes in {name!r}")
+
+
 def _check_value(key: Key, value, source: str):
     """The value converted to the key's type, or a ConfigError naming the key."""
     where = f"{source}: {key.name}"
@@ -165,6 +193,8 @@ def _check_value(key: Key, value, source: str):
             near = difflib.get_close_matches(value.lower(), key.choices, n=1)
             raise ConfigError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}"
                               + (f"; did you mean {near[0]!r}?" if near else ""))
+        if key.name == "run.expname":
+            _check_expname(value, where)
         if key.name == "model.cost":
             from . import costs
             try:
@@ -220,18 +250,17 @@ def parse_config(tree: dict, source: str = "setup.conf", overrides: dict | None 
     from . import lineage  # the research code's setup.conf schema, mapped onto these keys
     tree, flat = lineage.translate(tree, source)
     _flatten(tree, "", flat, source)
-    for name, value in (overrides or {}).items():
-        if name not in _BY_NAME:
-            raise _unknown(name, "override")
-        flat[name] = value
     out = defaults()
     for name, value in (base or {}).items():
         if name not in _BY_NAME:
             raise _unknown(name, "base")
         out[name] = value
-    for name, value in flat.items():
-        out[name] = _check_value(_BY_NAME[name], value, source if name not in (overrides or {})
-                                 else "command line")
+    for name, value in flat.items():  # the file must be valid on its own, whatever the flags
+        out[name] = _check_value(_BY_NAME[name], value, source)
+    for name, value in (overrides or {}).items():
+        if name not in _BY_NAME:
+            raise _unknown(name, "override")
+        out[name] = _check_value(_BY_NAME[name], value, "command line")
     weights = [out[f"train.collocation.{k}"] for k in _COLLOCATION]
     if None not in weights and sum(weights) <= 0:
         raise ConfigError(f"{source}: train.collocation weights are all 0; give at least one "
@@ -248,27 +277,77 @@ def load_config(path: str | None = None, overrides: dict | None = None,
     if path is None:
         return parse_config({}, "defaults", overrides, base)
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: is a directory; --conf takes a HOCON file such as setup.conf")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file; --conf takes a HOCON file such as setup.conf") from None
+        check_regular_file(path, "config file", MAX_BYTES)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # the file may have grown since the check
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"{path}: larger than the {MAX_BYTES // 1024} KiB limit for a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise ConfigError(f"{path}: not a text file; --conf takes a HOCON file such as setup.conf")
+    include = _find_include(text)
+    if include is not None:
+        raise ConfigError(f"{path}: line {include}: 'include' is not allowed; a setup.conf must be "
+                          "self-contained (copy the included keys into it): ncf-fast never opens "
+                          "other files or URLs from a config")
     try:
         from pyhocon import ConfigFactory
     except ImportError:
         raise ConfigError("reading a setup.conf needs pyhocon: pip install pyhocon") from None
     try:
-        tree = ConfigFactory.parse_string(text, basedir=os.path.dirname(os.path.abspath(path)))
+        # basedir None: with no include left nothing is looked up relative to it anyway
+        tree = ConfigFactory.parse_string(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid HOCON: nested too deeply") from None
     except Exception as exc:  # pyparsing / pyhocon exceptions: all mean "bad syntax"
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigError(f"{path}: HOCON syntax error: {msg[:200]}") from None
+        raise ConfigError(f"{path}: {_syntax_error(exc)}") from None
+    if not isinstance(tree, dict):  # a file holding a bare list: [1, 2]
+        raise ConfigError(f"{path}: not valid HOCON for a setup.conf: expected `key = value` lines "
+                          "and `section { ... }` blocks")
     return parse_config(_plain(tree), path, overrides, base)
+
+
+# what pyhocon's grammar accepts as the include keyword: case-insensitive, delimited by characters
+# outside pyparsing's identifier set (letters, digits, '_', '$')
+_INCLUDE = re.compile(r"(?<![A-Za-z0-9_$])include(?![A-Za-z0-9_$])", re.IGNORECASE)
+# quoted strings, '#' comments, '//' comments after a blank (x//y is an unquoted string), escapes
+_STRING = re.compile(r'"""(?:.|\n)*?"""+|"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*'
+                     r'|(?:(?<=[ \t\n])|(?<![\s\S]))//[^\n]*|\\.', re.DOTALL)
+
+
+def _find_include(text: str) -> int | None:
+    """The line of the first ``include`` outside quoted strings and '#' comments, or None.
+
+    Deliberately broader than pyhocon's grammar (a '//' glued to a token is not taken for a
+    comment, an unterminated string ends at its line), so that anything pyhocon could treat as an
+    include is refused before pyhocon reads the text: its parse actions open includes while
+    parsing, even in a file that turns out to be malformed further down."""
+    blanked = _STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    match = _INCLUDE.search(blanked)
+    return None if match is None else blanked.count("\n", 0, match.start()) + 1
+
+
+def _syntax_error(exc) -> str:
+    """A pyparsing / pyhocon exception as 'not valid HOCON at line L, column C: ...' (pyparsing's
+    own message can be a dump of the grammar)."""
+    line, col = getattr(exc, "lineno", None), getattr(exc, "col", None)
+    text = " ".join(str(getattr(exc, "msg", None) or exc).split()) or type(exc).__name__
+    if line is None:
+        found = re.search(r"\(line: ?(\d+), col: ?(\d+)\)", text)
+        line, col = (int(found.group(1)), int(found.group(2))) if found else (None, None)
+        text = re.sub(r"\s*\(line: ?\d+, col: ?\d+\)", "", text)
+    if len(text) > 80 or "Suppress" in text or "{" in text:
+        text = "expected `key = value`, `key { ... }` or a comment"
+    where = f" at line {line}, column {col}" if line is not None else ""
+    return f"not valid HOCON{where}: {text}"
 
 
 def _plain(tree):

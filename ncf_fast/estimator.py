@@ -1,16 +1,18 @@
 """``NCF``: the estimator users start from (fit, maps in closed form, save/load)."""
 from __future__ import annotations
 
+import errno
+import math
 import os
 import secrets
-import tempfile
+import warnings
 
 import numpy as np
 import torch
 
 from . import costs as costs_mod
 from . import distributed
-from .data import check_labels, check_samples
+from .data import check_labels, check_regular_file, check_samples
 from .potential import PotentialMLP
 from .sampling import Collocation, SampleSet
 from .trainer import LOW_DIM_MAX, TrainConfig, Trainer, new_history
@@ -76,6 +78,9 @@ class NCF:
         dtype: torch.float32 or torch.float64.
         seed: seeds the initialisation and the training stream; None draws one (kept in ``seed``).
         backend: "auto", "reference", "torch" or "triton" (see :class:`ncf_fast.PotentialMLP`).
+
+    The maps (transport, inverse, interpolate, potential) raise ValueError until :meth:`fit` or
+    :meth:`make_trainer` has run or the model came from :meth:`load` (``fitted`` says which).
     """
 
     def __init__(self, dim: int, hidden=None, activation: str | None = None, cost="quadratic",
@@ -112,6 +117,9 @@ class NCF:
         self.history = new_history()
         self.train_config: TrainConfig | None = None
         self.trainer: Trainer | None = None
+        # True once fit/make_trainer set the standardisation or a checkpoint was loaded: the
+        # maps of an untrained model would silently be the identity
+        self.fitted = False
 
     # ----------------------------------------------------------------------------- config
     @property
@@ -240,12 +248,13 @@ class NCF:
         src, src_np, src_lab = self._sample_set(source, source_labels, "source")
         tgt, tgt_np, tgt_lab = self._sample_set(target, target_labels, "target")
         if src_lab is not None:
-            only_s = sorted(set(np.unique(src_lab)) - set(np.unique(tgt_lab)))
-            only_t = sorted(set(np.unique(tgt_lab)) - set(np.unique(src_lab)))
+            only_s = sorted(set(np.unique(src_lab).tolist()) - set(np.unique(tgt_lab).tolist()))
+            only_t = sorted(set(np.unique(tgt_lab).tolist()) - set(np.unique(src_lab).tolist()))
             if only_s or only_t:
                 raise ValueError(f"every class must appear in both source and target labels: "
                                  f"only in source {only_s}, only in target {only_t}")
         self._set_standardization(src_np, tgt_np)
+        self.fitted = True
         ctx = distributed.setup(self.device)  # None unless launched as K > 1 processes
         if ctx is not None:  # one seed, one standardisation on every rank: rank 0's
             self.seed = ctx.broadcast_object(self.seed)
@@ -304,6 +313,9 @@ class NCF:
 
     def _apply(self, x, name, fn):
         """Evaluate fn(x_std (n, d), rows) -> tensor in chunks; numpy in/out or torch on x's device."""
+        if not self.fitted:
+            raise ValueError("this NCF is not fitted: call fit(source, target) first, or load a "
+                             "trained model with NCF.load(path) (an untrained model is no map)")
         is_numpy = not isinstance(x, torch.Tensor)
         if is_numpy and not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy array or torch tensor of shape (N, {self.dim}), "
@@ -409,8 +421,15 @@ class NCF:
                       t_final=float(cfg["t_final"]), device=device, dtype=cfg["dtype"],
                       seed=int(cfg["seed"]), backend=cfg.get("backend", "auto"))
             ncf.model.load_state_dict(ckpt["state_dict"])
+            bad = [k for k, v in ncf.model.state_dict().items() if not bool(v.isfinite().all())]
+            if bad:
+                raise ValueError(f"weight {bad[0]} holds NaN or Inf values")
             ncf.shift = torch.as_tensor(ckpt["shift"], dtype=torch.float64).reshape(ncf.dim)
             ncf.scale = float(ckpt["scale"])
+            if not (math.isfinite(ncf.scale) and ncf.scale > 0 and bool(ncf.shift.isfinite().all())):
+                raise ValueError(f"standardisation shift {ncf.shift.tolist()}, scale {ncf.scale!r}: "
+                                 "the shift must be finite and the scale positive")
+            ncf.fitted = True
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             detail = " ".join(str(exc).split())  # load_state_dict puts the shapes on line 2
             raise ValueError(f"{path}: not a valid ncf_fast checkpoint ({type(exc).__name__}: "
@@ -427,17 +446,28 @@ def read_checkpoint(path, time_axis: str | None = None, beta: float | None = Non
     A checkpoint of the research code comes back converted (time_axis, beta: see
     :func:`ncf_fast.lineage.checkpoint_from_lineage`)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    check_regular_file(path, "checkpoint file")  # FileNotFoundError; a folder, a FIFO: ValueError
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK":  # torch.save writes a zip archive; a bare pickle starts with 0x80
+        kind = ("a plain pickle file (torch.load would unpickle it)" if head[:1] == b"\x80"
+                else "another kind of file, or a corrupted checkpoint")
+        raise ValueError(f"{path}: not a checkpoint file: {kind}; ncf_fast checkpoints are the zip "
+                         "archives written by NCF.save and ncf-fast train")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, EOFError, zip errors: all say "bad file"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
         # torch says "Unsupported global" (allow-listable classes) or "unsupported GLOBAL ...
         # whose module is blocked" (os, builtins, subprocess): both mean a pickled object
-        if "unsupported global" in str(exc).lower():
+        if "unsupported global" in text.lower():
             raise ValueError(f"{path}: refusing to load: the file holds pickled Python objects "
                              "(only tensors and plain data are allowed)") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if first.lower().startswith("weights only load failed"):  # then torch's advice on 2.6
+            first = "its data record is not plain tensors and values"
         raise ValueError(f"{path}: truncated or corrupted checkpoint ({first[:120]})") from None
     if isinstance(ckpt, dict) and "format" not in ckpt and (
             "model_state_dict" in ckpt or "optimizer_state_dict" in ckpt):  # the research code's
@@ -448,21 +478,71 @@ def read_checkpoint(path, time_axis: str | None = None, beta: float | None = Non
     return ckpt
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errno values of a full disk or quota
+
+
+class _WriteRecorder:
+    """A file object that remembers the OSError of a failed write: torch.save turns it into
+    'unexpected pos', which no longer says that the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        try:
+            return self.f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _disk_full(exc: BaseException, recorder) -> bool:
+    seen = [getattr(recorder, "error", None)]
+    while exc is not None and len(seen) < 20:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return any(isinstance(e, OSError) and e.errno in DISK_FULL for e in seen)
+
+
 def write_atomic(path, write, suffix: str = "") -> None:
     """write(f) into a temporary file beside ``path``, fsync, then rename over ``path``: a crash
-    leaves the old file or the new one, never half of one."""
+    leaves the old file or the new one, never half of one.
+
+    The file gets mode 0o666 less the umask, like any file the user writes. A full disk (or
+    quota) raises OSError(ENOSPC, ..., path) and leaves the old file as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # not mkstemp: it forces 0o600
+            break
+        except FileExistsError:
+            continue
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            recorder = _WriteRecorder(f)
+            write(recorder)
+            recorder.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and _disk_full(exc, recorder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
         raise
 
 

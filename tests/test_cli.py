@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -276,12 +277,16 @@ def test_library_resume_matches_uninterrupted_fit():
 # ----------------------------------------------------------------------------- bad inputs
 @pytest.fixture
 def bad(tmp_path, data, capfd):
-    """Run the CLI in-process on a malformed input; assert exit 2, one stderr line, no writes."""
+    """Run the CLI in-process on a malformed input; assert exit 2, one stderr line, no warning,
+    no writes."""
     home = tmp_path / "home"
 
     def check(args, *needles, files_absent=()):
         before = sorted(os.listdir(tmp_path))
-        code = cli.main([str(a) for a in args])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = cli.main([str(a) for a in args])
+        assert not caught, f"warnings: {[str(w.message) for w in caught]}"
         out, err = capfd.readouterr()
         assert code == 2, f"exit status {code}, stderr: {err}"
         lines = err.strip().splitlines()
@@ -347,7 +352,7 @@ def test_empty_setup_conf_is_valid_and_the_example_is_the_defaults(tmp_path):
 
 def test_bad_sample_files(bad, data, files):
     f = files
-    bad(_train(bad, data, inp=data / "nope.npy"), "nope.npy", "no such file")
+    bad(_train(bad, data, inp=data / "nope.npy"), "nope.npy", "no such .npy file")
     bad(_train(bad, data, inp=f / "text.npy"), "text.npy", "not a .npy file")
     bad(_train(bad, data, out=f / "archive.npy"), "archive.npy", "zip archive")
     bad(_train(bad, data, inp=f / "objects.npy"), "objects.npy", "pickled", "refusing")
@@ -378,7 +383,7 @@ def test_bad_config(bad, data, files):
     bad(_train(bad, data, conf=files / "wrong_type.conf"), "wrong_type.conf", "train.steps",
         "must be an integer", "'many'")
     bad(_train(bad, data, conf=files / "bad_choice.conf"), "model.activation", "softplus", "'relu'")
-    bad(_train(bad, data, conf=files / "syntax.conf"), "syntax.conf", "HOCON syntax error")
+    bad(_train(bad, data, conf=files / "syntax.conf"), "syntax.conf", "not valid HOCON at line 2")
     bad(_train(bad, data, conf=files / "missing.conf"), "missing.conf", "no such config file")
     bad(_train(bad, data, extra=["--stpes", "3"]), "unrecognized arguments", "did you mean --steps")
 
@@ -417,7 +422,7 @@ def test_bad_checkpoints(bad, reference_run, files, tmp_path_factory):
     def transport(c, x=files / "good.npy"):
         return ["transport", "--checkpoint", c, "--input", x, "--out", out, "--gpu", "cpu"]
     bad(transport(d / "truncated.pt"), "truncated.pt", "truncated or corrupted", files_absent=[out])
-    bad(transport(d / "garbage.pt"), "garbage.pt", "truncated or corrupted", files_absent=[out])
+    bad(transport(d / "garbage.pt"), "garbage.pt", "not a checkpoint file", files_absent=[out])
     bad(transport(d / "other_arch.pt"), "other_arch.pt", "size mismatch", files_absent=[out])
     bad(transport(d / "missing.pt"), "missing.pt", "no such", files_absent=[out])
     bad(transport(latest, files / "dim3.npy"), "dim3.npy", "dimension 3", "dimension 2",
@@ -476,7 +481,12 @@ def test_checkpoint_with_a_pickled_object_is_refused(bad, reference_run, files, 
 def test_subprocess_errors_exit_2_with_one_line(data, tmp_path):
     """The same refusals through a real process: status 2, one line, no traceback, no folder."""
     home = tmp_path / "home"
-    cases = [(train_args(data, home, "--input", "missing.npy"), "missing.npy: no such file")]
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.where(np.arange(600).reshape(300, 2) == 11, 1e30, 0.0).astype(np.float32))
+    cases = [(train_args(data, home, "--input", "missing.npy"), "missing.npy: no such .npy file"),
+             (train_args(data, home, "--expname", tmp_path / "abs"), "relative folder"),
+             (train_args(data, home, "--expname", "../x"), "'../x'"),
+             (train_args(data, home, "--input", huge), "1e+30 at row 5, column 1")]
     if not torch.cuda.is_available():
         cases.append((train_args(data, home, "--gpu", "0"), "CUDA is not available"))
     for args, needle in cases:
@@ -484,7 +494,7 @@ def test_subprocess_errors_exit_2_with_one_line(data, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
-        assert not home.exists()
+        assert not home.exists() and sorted(os.listdir(tmp_path)) == ["huge.npy"]
 
 
 def test_import_needs_neither_matplotlib_nor_pyhocon():

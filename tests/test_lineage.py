@@ -121,7 +121,7 @@ def test_bad_lineage_conf_is_one_line_naming_the_key(bad, data, tmp_path_factory
 def test_bad_input_with_a_lineage_conf_is_still_one_line(bad, data, tmp_path_factory):
     """The ignored keys are reported when a run starts; a run that never starts says one thing."""
     conf = _conf(tmp_path_factory.mktemp("conf"), LINEAGE_CONF)
-    bad(_train(bad, data, conf=conf, inp=data / "nope.npy"), "nope.npy", "no such file")
+    bad(_train(bad, data, conf=conf, inp=data / "nope.npy"), "nope.npy", "no such")
     lineage.take_ignored(str(conf))
 
 
