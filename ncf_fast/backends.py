@@ -116,9 +116,12 @@ def check(backend: str, op: str, dtype, dim: int | None = None, hidden=None, cos
     if backend == TRITON:
         limit = triton_limit(op, dtype, dim, hidden, cost)
         if limit is not None and not _energy_float64(op, dtype, dim):
-            raise ValueError(f"{what}='triton' cannot run this case: {limit}; use {what}='torch' "
-                             f"(or 'auto', which falls back to torch for this case)")
+            raise ValueError(f"{what}='triton' cannot run this case: {limit}; {_fallback(what)}")
     return backend
+
+
+def _fallback(what: str) -> str:
+    return f"use {what}='torch' (or 'auto', which falls back to torch for this case)"
 
 
 def _energy_float64(op, dtype, dim) -> bool:
@@ -141,13 +144,12 @@ def select(backend: str, op: str, device, dtype, dim: int | None = None, hidden=
         choice = resolve(op, device, dtype, dim, hidden, cost)
         return TORCH if choice == TRITON and not _triton_installed() else choice
     device = torch.device(device)
-    fallback = "use backend='torch' (or 'auto', which falls back to torch for this case)"
     if device.type != "cuda" and not _interpreted():
         raise ValueError(f"backend='triton' needs CUDA tensors, got {device} (on the CPU only "
-                         f"under TRITON_INTERPRET=1); {fallback}")
+                         f"under TRITON_INTERPRET=1); {_fallback('backend')}")
     if not _triton_installed():
         raise ValueError(f"backend='triton' needs the triton package (pip install triton); "
-                         f"{fallback}")
+                         f"{_fallback('backend')}")
     if _energy_float64(op, dtype, dim):
         warnings.warn(f"backend='triton' computes the energy distance of {dtype} inputs in "
                       f"float32; use backend='torch' to keep {dtype}", stacklevel=3)
