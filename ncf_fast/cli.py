@@ -2,7 +2,8 @@
 
     ncf-fast train --conf setup.conf --data_dir D --input input_data.npy --output output_data.npy
                    [--home_dir H] [--gpu ID|cpu] [--expname NAME] [--steps N] [--seed S]
-                   [--resume RUN_DIR] [--backend B] [--input_labels F --output_labels F] [--quiet]
+                   [--resume RUN_DIR] [--backend B] [--energy_backend B]
+                   [--input_labels F --output_labels F] [--quiet]
                    [--nepoch N] [--points_batch N] [--is_continue | --eval] [--timestamp T]
                    [--checkpoint latest|N]      (the research code's flags: ncf_fast.lineage)
     ncf-fast transport --checkpoint C --input X.npy --out Y.npy [--inverse] [--t T]
@@ -34,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, backends
 from . import config as config_mod
 from . import distributed, lineage
 from .estimator import (DISK_FULL, NCF, default_activation, default_hidden, read_checkpoint, save_atomic,
@@ -198,9 +199,14 @@ def resolve_device(gpu: str | None) -> torch.device:
     return torch.device(f"cuda:{int(text)}")
 
 
-def _check_backend(backend: str, device: torch.device):
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CLIError("backend triton needs a CUDA device; use --backend torch (or auto) on the CPU")
+def _check_backends(model_kwargs: dict, device: torch.device):
+    """--backend / --energy_backend triton on a machine without CUDA: refused before any file is
+    written (the model's own limits are checked when NCF is built)."""
+    for name in ("backend", "energy_backend"):
+        if model_kwargs.get(name) == backends.TRITON and device.type != "cuda" and (
+                os.environ.get("TRITON_INTERPRET") != "1"):
+            raise CLIError(f"{name} triton needs a CUDA device; use --{name} torch (or auto) on "
+                           "the CPU")
 
 
 # ------------------------------------------------------------------------------ atomic files
@@ -322,7 +328,7 @@ def _resolve(data_dir: str | None, name: str | None) -> str | None:
 def _overrides(args) -> dict:
     out = {}
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("expname", "run.expname"),
-                      ("backend", "model.backend")):
+                      ("backend", "model.backend"), ("energy_backend", "model.energy_backend")):
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
@@ -360,7 +366,7 @@ def _load_data(paths: dict) -> dict:
 def _build(cfg: dict, data: dict, device) -> tuple[NCF, object]:
     """NCF + its Trainer, everything validated before any file is written."""
     kwargs = config_mod.model_kwargs(cfg)
-    _check_backend(kwargs["backend"], device)
+    _check_backends(kwargs, device)
     try:
         ncf = NCF(data["input"].shape[1], device=device, **kwargs)
         trainer = ncf.make_trainer(data["input"], data["output"], config_mod.train_config(cfg),
@@ -442,7 +448,7 @@ def _resume(args, device, ctx=None) -> int:
         saved = config_mod.parse_config(config_mod.nested(run["config"]), ckpt_path)
     except (config_mod.ConfigError, KeyError, TypeError) as exc:
         raise CLIError(f"{ckpt_path}: its stored config is unusable ({exc})") from None
-    keep = {"train.steps", "model.backend"}  # what a resumed run may change
+    keep = {"train.steps", "model.backend", "model.energy_backend"}  # what a resume may change
     if args.conf is not None or args.seed is not None:
         given = _load_config(args)
         compare = [k for k in config_mod.defaults() if k not in keep and k != "run.expname"]
@@ -482,8 +488,9 @@ def _resume(args, device, ctx=None) -> int:
         raise CLIError(f"{ckpt_path}: checkpoint of a different architecture (hidden "
                        f"{have.get('hidden')}, {have.get('activation')}) than its run config "
                        f"(hidden {want_hidden}, {want_activation})")
-    ckpt["config"] = {**have, "backend": cfg["model.backend"]}
-    _check_backend(cfg["model.backend"], device)
+    ckpt["config"] = {**have, "backend": cfg["model.backend"],
+                      "energy_backend": cfg["model.energy_backend"]}
+    _check_backends(ckpt["config"], device)
     try:
         ncf = NCF.from_checkpoint(ckpt, device=device, path=ckpt_path)
         trainer = ncf.make_trainer(data["input"], data["output"], config_mod.train_config(cfg),
@@ -980,7 +987,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expname", metavar="NAME", help="run.expname (default: ncf)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="train.steps")
     p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed")
-    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), help="model.backend")
+    p.add_argument("--backend", choices=backends.BACKENDS, help="model.backend")
+    p.add_argument("--energy_backend", choices=backends.BACKENDS, help="model.energy_backend")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR "
                    "(same step, optimizer, schedule and random stream); --steps may extend it")
     lineage.add_train_flags(p, _positive_int)  # the research code's run.py flags
@@ -1012,7 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed (also seeds the samples)")
     p.add_argument("--samples", type=_positive_int, default=DEMO_SAMPLES, metavar="N",
                    help=f"samples per side (default: {DEMO_SAMPLES})")
-    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton"), help="model.backend")
+    p.add_argument("--backend", choices=backends.BACKENDS, help="model.backend")
+    p.add_argument("--energy_backend", choices=backends.BACKENDS, help="model.energy_backend")
     common(p)
     p.set_defaults(func=cmd_demo, expname=None)
 

@@ -3,7 +3,7 @@
 The file has three sections; every key has a default, so an empty file is valid::
 
     model { hidden = null, activation = null, cost = quadratic, t_final = 1.0, ... }
-    train { steps = 3000, batch_size = 512, lr = 2e-3, seed = 0, collocation { ... }, ... }
+    train { steps = 3000, batch_size = null, lr = null, seed = 0, collocation { ... }, ... }
     run   { expname = ncf, checkpoint_every = 500, plot_points = 1500 }
 
 :data:`KEYS` lists every key with its default, type and meaning (the README's table is
@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 from .data import check_regular_file
+from .backends import BACKENDS
 from .sampling import COLLOCATION_KINDS
 from .trainer import LOW_DIM_MAX, LR_SCHEDULES, TrainConfig, dimension_defaults
 
@@ -64,7 +65,14 @@ def _by_dim(name: str, kind: str | None = None) -> str:
         low, high = low[name].get(kind, 0.0), high[name].get(kind, 0.0)
     else:
         low, high = low[name], high[name]
+    if low == high:
+        return f"{low:g}"
     return f"{low:g} (d <= {LOW_DIM_MAX}), {high:g} (d > {LOW_DIM_MAX})"
+
+
+def _on_gpu(name: str) -> str:
+    """'; N on a GPU': the large-batch GPU default (the same in every dimension)."""
+    return f", {dimension_defaults(LOW_DIM_MAX + 1, 'cuda')[name]:g} on a GPU"
 _COLLOCATION = COLLOCATION_KINDS
 
 KEYS: tuple[Key, ...] = (
@@ -75,16 +83,22 @@ KEYS: tuple[Key, ...] = (
     Key("model.cost", "quadratic", "str", "transport cost: quadratic or power:q (1 < q <= 2)"),
     Key("model.t_final", 1.0, "float", "horizon t_f of the cost t_f l((y - x) / t_f)", positive=True),
     Key("model.dtype", "float32", "choice", "parameter precision", ("float32", "float64")),
-    Key("model.backend", "auto", "choice", "auto = triton on CUDA, torch on CPU",
-        ("auto", "reference", "torch", "triton")),
+    Key("model.backend", "auto", "choice",
+        "the MLP's backend; auto = triton on CUDA where the kernels support the model, else torch",
+        BACKENDS),
+    Key("model.energy_backend", "auto", "choice",
+        "the energy distance's backend in the loss; auto = triton on CUDA for float32, d <= 64",
+        BACKENDS),
     Key("train.steps", _TC.steps, "int", "Adam steps", positive=True),
-    Key("train.batch_size", _TC.batch_size, "int", "collocation points per step (L_HJ)", positive=True),
+    Key("train.batch_size", _TC.batch_size, "int",
+        f"collocation points per step (L_HJ); null: {_by_dim('batch_size')}{_on_gpu('batch_size')}",
+        positive=True, nullable=True),
     Key("train.mmd_batch_size", _TC.mmd_batch_size, "int",
-        f"target samples per step (L_MMD); null: {_by_dim('mmd_batch_size')}, 4x on a GPU", minimum=2,
-        nullable=True),
+        f"target samples per step (L_MMD); null: {_by_dim('mmd_batch_size')}"
+        f"{_on_gpu('mmd_batch_size')}", minimum=2, nullable=True),
     Key("train.mmd_active", _TC.mmd_active, "int",
-        f"pushed samples carrying L_MMD's gradient (0 = all); null: {_by_dim('mmd_active')}",
-        minimum=0, nullable=True),
+        f"pushed samples carrying L_MMD's gradient (0 = all); null: {_by_dim('mmd_active')}"
+        f"{_on_gpu('mmd_active')}", minimum=0, nullable=True),
     Key("train.passive_age", _TC.passive_age, "int",
         f"steps a passive pushed sample is reused (the passive set is refreshed by "
         f"mmd_batch_size / passive_age rows a step); null: {_by_dim('passive_age')}", positive=True,

@@ -65,8 +65,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .energy import (_class_segments, _require_members, _resolve, _segment_ids, _segment_mean,
-                     _unsort, _within_weight, segment_pair_distance_sums)
+from .energy import (_pair_bounds, _resolve, _segment_mean, _unsort, _within_weight,
+                     class_segments, segment_pair_distance_sums)
 
 __all__ = ["DistContext", "DistributedError", "setup", "shutdown", "launched", "is_main",
            "rank_prefix", "default_device", "rows_energy_distance", "TIMEOUT_ENV"]
@@ -325,13 +325,14 @@ class DistContext:
         self.stop_agreed = bool(flat[-1] > 0)
         return flat[-3].to(l_hj.dtype), flat[-2].to(l_mmd.dtype)
 
-    def energy_distance(self, pushed, target, labels_pushed=None, labels_target=None):
+    def energy_distance(self, pushed, target, labels_pushed=None, labels_target=None,
+                        backend: str = "auto"):
         """This rank's share of the union's U-statistic (class-conditional with labels); the mean
         over ranks of the values and of the parameter gradients is the union's."""
         all_p, all_t, all_lp, all_lt = self.gather_rows(pushed, target, labels_pushed,
                                                         labels_target)
         return rows_energy_distance(pushed, all_p, target, all_t, self.world_size,
-                                    labels_pushed, all_lp, labels_target, all_lt)
+                                    labels_pushed, all_lp, labels_target, all_lt, backend)
 
     # ------------------------------------------------------------------------- resuming
     def rank_trainer_state(self, state: dict, seed: int) -> dict:
@@ -367,31 +368,33 @@ class _RowsEnergy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, a_all, b, b_all, segs, world, backend):
-        (o_a, lo_a, hi_a), (o_pa, lo_pa, hi_pa), (o_b, lo_b, hi_b), (o_pb, lo_pb, hi_pb) = segs
+        sa, spa, sb, spb = segs
         need = ctx.needs_input_grad[0]
-        n, m = (hi_pa - lo_pa).double(), (hi_pb - lo_pb).double()  # the union's class counts
-        ids_a, ids_pa = _segment_ids(lo_a, hi_a), _segment_ids(lo_pa, hi_pa)
-        ids_b, ids_pb = _segment_ids(lo_b, hi_b), _segment_ids(lo_pb, hi_pb)
-        a_s, pa_s, b_s, pb_s = a[o_a], a_all[o_pa], b[o_b], b_all[o_pb]
+        n, m = spa.counts.double(), spb.counts.double()  # the union's class counts
+        ids_a, ids_pa, ids_b, ids_pb = sa.ids, spa.ids, sb.ids, spb.ids
+        a_s, pa_s, b_s, pb_s = a[sa.order], a_all[spa.order], b[sb.order], b_all[spb.order]
         center = 0.5 * (_segment_mean(pa_s, ids_pa, n) + _segment_mean(pb_s, ids_pb, m))
         a_c, pa_c = a_s - center[ids_a], pa_s - center[ids_pa]
         b_c, pb_c = b_s - center[ids_b], pb_s - center[ids_pb]
         kw = dict(backend=backend)
-        s_ab, g_ab, _ = segment_pair_distance_sums(a_c, pb_c, lo_a, hi_a, lo_pb, hi_pb,
-                                                   grad_a=need, **kw)
+        s_ab, g_ab, _ = segment_pair_distance_sums(a_c, pb_c, sa.lo, sa.hi, spb.lo, spb.hi,
+                                                   grad_a=need, bounds=_pair_bounds(sa, spb),
+                                                   **kw)
         # this rank's rows against the union, itself included: the self pair is exactly 0 (equal
         # bits) and adds nothing, so the sum over i' != i is the sum over every i'
-        s_aa, g_aa, _ = segment_pair_distance_sums(a_c, pa_c, lo_a, hi_a, lo_pa, hi_pa,
-                                                   grad_a=need, **kw)
-        s_bb, _, _ = segment_pair_distance_sums(b_c, pb_c, lo_b, hi_b, lo_pb, hi_pb, **kw)
+        s_aa, g_aa, _ = segment_pair_distance_sums(a_c, pa_c, sa.lo, sa.hi, spa.lo, spa.hi,
+                                                   grad_a=need, bounds=_pair_bounds(sa, spa),
+                                                   **kw)
+        s_bb, _, _ = segment_pair_distance_sums(b_c, pb_c, sb.lo, sb.hi, spb.lo, spb.hi,
+                                                bounds=_pair_bounds(sb, spb), **kw)
         w_aa, w_bb = _within_weight(n), _within_weight(m)
         w_ab = 2.0 / (n * m)
         value = world * (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
         ga = None
         if need:  # the factor 2 on the within term: this row's pairs and their mirror columns
-            k = len(lo_a)
+            k = len(sa.bounds)
             g = world * (w_ab[ids_a, None] * g_ab - 2 * w_aa[ids_a, None] * g_aa) / k
-            ga = _unsort(g.to(a.dtype), o_a, a.shape[0])
+            ga = _unsort(g.to(a.dtype), sa.order, a.shape[0])
         ctx.save_for_backward(ga)
         return value.to(a.dtype)
 
@@ -418,10 +421,8 @@ def rows_energy_distance(a, a_all, b, b_all, world: int, labels_a=None, labels_a
         labels_a_all, labels_b_all = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
                                       for x in (a_all, b_all))
     classes = torch.unique(labels_b_all)
-    segs = [_class_segments(lab, classes, what, side) for lab, side in
-            ((labels_a, "source"), (labels_a_all, "source"), (labels_b, "target"),
-             (labels_b_all, "target"))]
-    for seg, side in ((segs[1], "source"), (segs[3], "target")):
-        _require_members(seg[2] - seg[1], classes, what, side)
+    segs = [class_segments(lab, classes, what, side, require) for lab, side, require in
+            ((labels_a, "source", False), (labels_a_all, "source", True),
+             (labels_b, "target", False), (labels_b_all, "target", True))]
     return _RowsEnergy.apply(a, a_all.detach(), b.detach(), b_all.detach(), segs, int(world),
                              _resolve(backend, a))

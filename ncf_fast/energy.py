@@ -18,7 +18,8 @@ classes), computed in the forward pass (they cost no extra pairs).
 Backends of the primitive:
 
 * ``triton`` (ncf_fast.kernels.energy_distance): tiled kernel, tensor cores for a.b, one launch
-  for all classes; used by "auto" on CUDA (d <= 64), or on request (CPU under TRITON_INTERPRET=1).
+  for all classes; used by "auto" on CUDA for float32 with d <= 64 (:func:`ncf_fast.backends.resolve`),
+  or on request (CPU under TRITON_INTERPRET=1).
 * ``torch``: row blocks of at most ``_BLOCK_ELEMS`` pairs, so memory stays O((N + M) d) plus one
   block. For d > ``_DIRECT_MAX_D`` distances come from the Gram form |a|^2 + |b|^2 - 2 a.b (a
   GEMM); that form cancels for nearby points, so pairs with |a - b|^2 < _NEAR (|a|^2 + |b|^2) are
@@ -38,15 +39,16 @@ pairs there, so that term is 0 (its cross term still counts).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from . import native, reference
+from . import backends, native, reference
 
 __all__ = ["energy_distance", "class_conditional_energy_distance", "witness_energy_distance",
            "class_conditional_witness_energy_distance", "per_class_mean", "pair_distance_sums",
-           "segment_pair_distance_sums"]
-
-BACKENDS = ("auto", "torch", "reference", "triton")
+           "segment_pair_distance_sums", "ClassSegments", "class_segments",
+           "segmented_energy_distance", "segmented_witness_energy_distance"]
 
 # Pairs per block: 2^18 fp32 entries = 1 MB per (rows x M) matrix, so that the handful of
 # elementwise passes over a block run from cache (measured ~2x faster than 8 MB blocks on CPU).
@@ -63,26 +65,10 @@ _DIRECT_MAX_D = 2
 
 
 def _resolve(backend: str, a: torch.Tensor) -> str:
-    """The primitive's backend for a: "torch" or "triton" ("reference" is handled by callers)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "triton":
-        from .kernels import triton_available
-        from .kernels.energy_distance import MAX_D
-        if not triton_available():
-            raise ValueError("backend='triton' needs triton (on CUDA, or TRITON_INTERPRET=1 on "
-                             "CPU); use backend='torch'")
-        if a.shape[1] > MAX_D:
-            raise ValueError(f"backend='triton' takes d <= {MAX_D}, got d={a.shape[1]}; "
-                             f"use backend='torch'")
-        return "triton"
-    if backend == "auto" and a.device.type == "cuda":
-        from .kernels import triton_available
-        if triton_available():
-            from .kernels.energy_distance import MAX_D
-            if a.shape[1] <= MAX_D:
-                return "triton"
-    return "torch"
+    """The primitive's backend for a: "torch" or "triton" (:func:`ncf_fast.backends.select`;
+    "reference" is handled by callers, the primitive runs it as torch)."""
+    choice = backends.select(backend, "energy", a.device, a.dtype, a.shape[1])
+    return backends.TORCH if choice == backends.REFERENCE else choice
 
 
 def _torch_pair_sums(a, b, grad_a, grad_b, same):
@@ -185,7 +171,7 @@ def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False
     Returns (S, Ga, Gb): S = sum_ij |a_i - b_j| (a 0-d tensor, accumulated in float64),
     Ga (N, d) = sum_j u(a_i - b_j) if grad_a, Gb (M, d) = sum_i u(b_j - a_i) if grad_b (else None).
     ``same=True`` says b is a (the diagonal pairs are 0 and skipped).
-    backend: "auto" (triton on CUDA, else torch), "torch" (one block of at most _BLOCK_ELEMS
+    backend: "auto" (:func:`ncf_fast.backends.resolve`), "torch" (one block of at most _BLOCK_ELEMS
     pairs at a time) or "triton" (O(N + M) memory; Gb costs a second, swapped launch).
     """
     if _resolve(backend, a) == "torch":
@@ -200,9 +186,12 @@ def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False
 
 
 def segment_pair_distance_sums(a, b, row_lo, row_hi, col_lo, col_hi, *, grad_a: bool = False,
-                               grad_b: bool = False, same: bool = False, backend: str = "auto"):
+                               grad_b: bool = False, same: bool = False, backend: str = "auto",
+                               bounds=None):
     """:func:`pair_distance_sums` within K segments: rows [row_lo_k, row_hi_k) of a against rows
-    [col_lo_k, col_hi_k) of b (integer tensors (K,); segments may be empty).
+    [col_lo_k, col_hi_k) of b (integer tensors (K,); segments may be empty). ``bounds``: the same
+    segments as Python ints, ((r0, r1, c0, c1) per segment), which spares the torch backend's
+    loop a device-to-host copy.
 
     Returns S (K,) float64 per segment, Ga (N, d), Gb (M, d) (0 on rows outside every segment, or
     None). The triton backend runs every segment in one launch (two with Gb); the torch backend
@@ -222,9 +211,10 @@ def segment_pair_distance_sums(a, b, row_lo, row_hi, col_lo, col_hi, *, grad_a: 
     sums = torch.zeros(k_count, dtype=torch.float64, device=a.device)
     ga = torch.zeros_like(a) if grad_a else None
     gb = torch.zeros_like(b) if grad_b else None
-    bounds = torch.stack([torch.as_tensor(x).long().cpu()
-                          for x in (row_lo, row_hi, col_lo, col_hi)])
-    for k, (r0, r1, c0, c1) in enumerate(bounds.t().tolist()):
+    if bounds is None:
+        bounds = torch.stack([torch.as_tensor(x).long().cpu()
+                              for x in (row_lo, row_hi, col_lo, col_hi)]).t().tolist()
+    for k, (r0, r1, c0, c1) in enumerate(bounds):
         if r1 <= r0 or c1 <= c0:
             continue
         s, g1, g2 = _torch_pair_sums(a[r0:r1], b[c0:c1], grad_a, grad_b, same)
@@ -301,7 +291,8 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> 
     Differentiable in a and b; the gradient at coinciding points is finite (0 for that pair).
     backend: "torch" (block-wise, linear memory), "reference" (brute force, O(NMd) memory),
     "triton" (tiled kernel, linear memory; CUDA, or CPU under TRITON_INTERPRET=1, computes in
-    float32), "auto" (triton on CUDA for d <= 64, else torch). Without autograd (no_grad, or no
+    float32), "auto" (triton on CUDA for float32 with d <= 64, else torch:
+    :func:`ncf_fast.backends.resolve`). Without autograd (no_grad, or no
     input requiring grad) only the value is computed.
     """
     _check_pair(a, b)
@@ -376,9 +367,41 @@ class _ValueCtx:
 # ---------------------------------------------------------------------------------------------
 # class-conditional losses: label-sorted segments, one primitive call per term for all classes
 
-def _class_segments(labels, classes, what, side):
-    """(order, lo, hi): the rows whose label is in ``classes`` (sorted), stably sorted by label,
-    and each class's [lo, hi) in that order (rows of other labels are left out)."""
+class ClassSegments(NamedTuple):
+    """Where each class sits in a set once its rows are sorted by class (K classes).
+
+    order (n,): row indices of the set, class by class (stable); lo, hi (K,): class k is
+    sorted rows [lo_k, hi_k); ids (n,): the class index of each sorted row; bounds: the (lo_k,
+    hi_k) as Python ints. Computed once, they let a loss run with no device-to-host copy.
+    """
+    order: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    ids: torch.Tensor
+    bounds: tuple
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.hi - self.lo
+
+    @classmethod
+    def blocks(cls, n_classes: int, per_class: int, batches: int = 1, device=None):
+        """Segments of ``batches`` blocks concatenated, each holding ``per_class`` rows of class
+        0, then of class 1, ... (the layout of stratified draws, :meth:`SampleSet.draw`)."""
+        rows = torch.arange(batches * n_classes * per_class, device=device)
+        order = rows.view(batches, n_classes, per_class).transpose(0, 1).reshape(-1)
+        size = batches * per_class
+        lo = torch.arange(n_classes, device=device) * size
+        ids = torch.arange(n_classes, device=device).repeat_interleave(size)
+        bounds = tuple((k * size, (k + 1) * size) for k in range(n_classes))
+        return cls(order, lo, lo + size, ids, bounds)
+
+
+def class_segments(labels, classes, what: str = "class_segments", side: str = "",
+                   require: bool = True) -> ClassSegments:
+    """:class:`ClassSegments` of the rows whose label is in ``classes`` (a sorted tensor (K,));
+    rows of other labels are left out. ``require``: ValueError naming the classes with no row.
+    Copies the class bounds to the host once."""
     if labels.dim() != 1:
         raise ValueError(f"{what}: {side} labels must be 1-d, got shape {tuple(labels.shape)}")
     classes = classes.to(labels.device, labels.dtype)
@@ -387,19 +410,19 @@ def _class_segments(labels, classes, what, side):
     ordered = labels[order]
     lo = torch.searchsorted(ordered, classes)
     hi = torch.searchsorted(ordered, classes, right=True)
-    return order, lo, hi
-
-
-def _require_members(counts, classes, what, side):
-    empty = [c for c, n in zip(classes.tolist(), counts.tolist()) if n == 0]
-    if empty:
+    bounds = tuple(map(tuple, torch.stack((lo, hi), 1).tolist()))
+    empty = [c for c, (l0, h0) in zip(classes.tolist(), bounds) if h0 == l0]
+    if require and empty:
         raise ValueError(f"{what}: classes {empty} have no {side} samples; every class needs at "
                          f"least one sample on each side (drop the class or sample it)")
+    ids = torch.repeat_interleave(torch.arange(len(bounds), device=labels.device), hi - lo,
+                                  output_size=len(order))
+    return ClassSegments(order, lo, hi, ids, bounds)
 
 
-def _segment_ids(lo, hi):
-    """Segment index of every row of a label-sorted set covered by [lo_k, hi_k)."""
-    return torch.repeat_interleave(torch.arange(len(lo), device=lo.device), hi - lo)
+def _pair_bounds(rows: ClassSegments, cols: ClassSegments) -> tuple:
+    """(r0, r1, c0, c1) per class: :func:`segment_pair_distance_sums`' host bounds."""
+    return tuple(r + c for r, c in zip(rows.bounds, cols.bounds))
 
 
 def _segment_mean(x, seg, counts):
@@ -426,31 +449,33 @@ class _ClassConditionalEnergy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, seg_a, seg_b, backend):
-        (order_a, lo_a, hi_a), (order_b, lo_b, hi_b) = seg_a, seg_b
         need_a, need_b = ctx.needs_input_grad[:2]
-        n, m = (hi_a - lo_a).double(), (hi_b - lo_b).double()
-        ids_a, ids_b = _segment_ids(lo_a, hi_a), _segment_ids(lo_b, hi_b)
-        a_s, b_s = a[order_a], b[order_b]
+        n, m = seg_a.counts.double(), seg_b.counts.double()
+        ids_a, ids_b = seg_a.ids, seg_b.ids
+        a_s, b_s = a[seg_a.order], b[seg_b.order]
         center = 0.5 * (_segment_mean(a_s, ids_a, n) + _segment_mean(b_s, ids_b, m))
         a_c, b_c = a_s - center[ids_a], b_s - center[ids_b]
         kw = dict(backend=backend)
-        s_ab, g_ab, g_ba = segment_pair_distance_sums(a_c, b_c, lo_a, hi_a, lo_b, hi_b,
-                                                      grad_a=need_a, grad_b=need_b, **kw)
-        s_aa, g_aa, _ = segment_pair_distance_sums(a_c, a_c, lo_a, hi_a, lo_a, hi_a,
-                                                   grad_a=need_a, same=True, **kw)
-        s_bb, g_bb, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_b, lo_b, hi_b,
-                                                   grad_a=need_b, same=True, **kw)
+        s_ab, g_ab, g_ba = segment_pair_distance_sums(
+            a_c, b_c, seg_a.lo, seg_a.hi, seg_b.lo, seg_b.hi, grad_a=need_a, grad_b=need_b,
+            bounds=_pair_bounds(seg_a, seg_b), **kw)
+        s_aa, g_aa, _ = segment_pair_distance_sums(
+            a_c, a_c, seg_a.lo, seg_a.hi, seg_a.lo, seg_a.hi, grad_a=need_a, same=True,
+            bounds=_pair_bounds(seg_a, seg_a), **kw)
+        s_bb, g_bb, _ = segment_pair_distance_sums(
+            b_c, b_c, seg_b.lo, seg_b.hi, seg_b.lo, seg_b.hi, grad_a=need_b, same=True,
+            bounds=_pair_bounds(seg_b, seg_b), **kw)
         w_aa, w_bb = _within_weight(n), _within_weight(m)
         w_ab = 2.0 / (n * m)
-        k = len(lo_a)
+        k = len(seg_a.bounds)
         value = (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
         ga = gb = None
         if need_a:
             ga = _unsort(((w_ab[ids_a, None] * g_ab - 2 * w_aa[ids_a, None] * g_aa) / k)
-                         .to(a.dtype), order_a, a.shape[0])
+                         .to(a.dtype), seg_a.order, a.shape[0])
         if need_b:
             gb = _unsort(((w_ab[ids_b, None] * g_ba - 2 * w_bb[ids_b, None] * g_bb) / k)
-                         .to(b.dtype), order_b, b.shape[0])
+                         .to(b.dtype), seg_b.order, b.shape[0])
         ctx.save_for_backward(ga, gb)
         return value.to(a.dtype)
 
@@ -478,6 +503,8 @@ def class_conditional_energy_distance(a, b, labels_a, labels_b, backend: str = "
     contributes its cross term (its within-set term has no pairs and is 0). All classes go
     through one call of the primitive per term (one kernel launch on the triton backend).
     backend: "auto" | "torch" | "triton" | "reference" (a Python loop over classes).
+    Finding the classes copies them to the host; :func:`segmented_energy_distance` with
+    segments computed once does not.
     """
     what = "class_conditional_energy_distance"
     _check_pair(a, b, what)
@@ -492,14 +519,17 @@ def class_conditional_energy_distance(a, b, labels_a, labels_b, backend: str = "
     if backend == "reference":
         return torch.stack([reference.energy_distance(a[labels_a == k], b[labels_b == k])
                             for k in classes_a]).mean()
-    return _segmented_energy(a, b, labels_a, labels_b, classes_a, _resolve(backend, a), what)
+    return segmented_energy_distance(a, b, class_segments(labels_a, classes_a, what, "source"),
+                                     class_segments(labels_b, classes_a, what, "target"), backend)
 
 
-def _segmented_energy(a, b, labels_a, labels_b, classes, backend, what):
-    seg_a = _class_segments(labels_a, classes, what, "source")
-    seg_b = _class_segments(labels_b, classes, what, "target")
-    _require_members(seg_a[2] - seg_a[1], classes, what, "source")
-    _require_members(seg_b[2] - seg_b[1], classes, what, "target")
+def segmented_energy_distance(a, b, seg_a: ClassSegments, seg_b: ClassSegments,
+                              backend: str = "auto"):
+    """:func:`class_conditional_energy_distance` for classes already located: ``seg_a``,
+    ``seg_b`` (:class:`ClassSegments`, class k of one is class k of the other, every class
+    non-empty) from :func:`class_segments` or :meth:`ClassSegments.blocks`. No host sync."""
+    _check_pair(a, b, "segmented_energy_distance")
+    backend = _resolve(backend, a)
     if not _needs_grad(a, b):
         with torch.no_grad():
             return _ClassConditionalEnergy.forward(_ValueCtx(), a, b, seg_a, seg_b, backend)
@@ -511,30 +541,31 @@ class _ClassConditionalWitness(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, passive, b, seg_a, seg_p, seg_b, within_rows, backend):
-        (order_a, lo_a, hi_a), (order_p, lo_p, hi_p), (order_b, lo_b, hi_b) = seg_a, seg_p, seg_b
         need = ctx.needs_input_grad[0]
-        n, kk, m = ((hi - lo).double() for lo, hi in ((lo_a, hi_a), (lo_p, hi_p), (lo_b, hi_b)))
-        ids_a, ids_p, ids_b = (_segment_ids(lo, hi) for lo, hi in
-                               ((lo_a, hi_a), (lo_p, hi_p), (lo_b, hi_b)))
-        a_s, p_s, b_s = a[order_a], passive[order_p], b[order_b]
+        n, kk, m = (seg.counts.double() for seg in (seg_a, seg_p, seg_b))
+        ids_a, ids_p, ids_b = seg_a.ids, seg_p.ids, seg_b.ids
+        a_s, p_s, b_s = a[seg_a.order], passive[seg_p.order], b[seg_b.order]
         center = 0.5 * (_segment_mean(p_s, ids_p, kk) + _segment_mean(b_s, ids_b, m))
         a_c, p_c, b_c = a_s - center[ids_a], p_s - center[ids_p], b_s - center[ids_b]
-        s_ab, g_ab, _ = segment_pair_distance_sums(a_c, b_c, lo_a, hi_a, lo_b, hi_b,
-                                                   grad_a=need, backend=backend)
-        s_ap, g_ap, _ = segment_pair_distance_sums(a_c, p_c, lo_a, hi_a, lo_p, hi_p,
-                                                   grad_a=need, backend=backend)
+        s_ab, g_ab, _ = segment_pair_distance_sums(
+            a_c, b_c, seg_a.lo, seg_a.hi, seg_b.lo, seg_b.hi, grad_a=need, backend=backend,
+            bounds=_pair_bounds(seg_a, seg_b))
+        s_ap, g_ap, _ = segment_pair_distance_sums(
+            a_c, p_c, seg_a.lo, seg_a.hi, seg_p.lo, seg_p.hi, grad_a=need, backend=backend,
+            bounds=_pair_bounds(seg_a, seg_p))
         # the within-target constant from each class's first min(m_k, within_rows) rows
-        hi_w = torch.minimum(hi_b, lo_b + within_rows)
-        mb = (hi_w - lo_b).double()
+        lo_b = seg_b.lo
+        hi_w = torch.minimum(seg_b.hi, lo_b + within_rows)
+        bounds_w = tuple((l0, min(h0, l0 + within_rows)) * 2 for l0, h0 in seg_b.bounds)
         s_bb, _, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_w, lo_b, hi_w, same=True,
-                                                backend=backend)
-        w_bb = _within_weight(mb)
+                                                backend=backend, bounds=bounds_w)
+        w_bb = _within_weight((hi_w - lo_b).double())
         value = (2.0 / (n * m) * s_ab - s_ap / (n * kk) - w_bb * s_bb).mean()
         ga = None
         if need:
-            k = len(lo_a)
+            k = len(seg_a.bounds)
             g = ((2.0 / (n * m))[ids_a, None] * g_ab - (2.0 / (n * kk))[ids_a, None] * g_ap) / k
-            ga = _unsort(g.to(a.dtype), order_a, a.shape[0])
+            ga = _unsort(g.to(a.dtype), seg_a.order, a.shape[0])
         ctx.save_for_backward(ga)
         return value.to(a.dtype)
 
@@ -551,6 +582,8 @@ def class_conditional_witness_energy_distance(active, passive, target, labels_ac
     witness_energy_distance(active_k, passive_k, target_k, within_rows), one primitive call per
     term for all classes. Every class needs at least one sample in each of the three sets
     (else ValueError); the within-target term of a class with one target sample is 0.
+    Finding the classes copies them to the host; :func:`segmented_witness_energy_distance`
+    with segments computed once does not.
     """
     what = "class_conditional_witness_energy_distance"
     _check_pair(active, target, what)
@@ -561,13 +594,22 @@ def class_conditional_witness_energy_distance(active, passive, target, labels_ac
         _check_labels(x, lab, what, side)
     classes = torch.unique(labels_target) if classes is None else torch.unique(
         torch.as_tensor(classes))
-    segs = []
-    for x, lab, side in sets:
-        seg = _class_segments(lab, classes, what, side)
-        _require_members(seg[2] - seg[1], classes, what, side)
-        segs.append(seg)
+    segs = [class_segments(lab, classes, what, side) for x, lab, side in sets]
+    return segmented_witness_energy_distance(active, passive, target, *segs,
+                                             within_rows=within_rows, backend=backend)
+
+
+def segmented_witness_energy_distance(active, passive, target, seg_active: ClassSegments,
+                                      seg_passive: ClassSegments, seg_target: ClassSegments,
+                                      within_rows: int = 512, backend: str = "auto"):
+    """:func:`class_conditional_witness_energy_distance` for classes already located (see
+    :func:`segmented_energy_distance`): what the trainer calls each step. No host sync."""
+    what = "segmented_witness_energy_distance"
+    _check_pair(active, target, what)
+    _check_pair(passive, target, what)
     backend = _resolve(backend, active)
-    args = (passive.detach(), target.detach(), *segs, int(within_rows), backend)
+    args = (passive.detach(), target.detach(), seg_active, seg_passive, seg_target,
+            int(within_rows), backend)
     if not _needs_grad(active):
         with torch.no_grad():
             return _ClassConditionalWitness.forward(_ValueCtx(), active, *args)
@@ -589,6 +631,8 @@ def per_class_mean(fn, classes, *sets_and_labels):
         (a, la), (b, lb) = sets_and_labels
         what = "per_class_mean(energy_distance)"
         _check_pair(a, b, what)
-        return _segmented_energy(a, b, la, lb, torch.unique(classes), _resolve("auto", a), what)
+        classes = torch.unique(classes)
+        return segmented_energy_distance(a, b, class_segments(la, classes, what, "source"),
+                                         class_segments(lb, classes, what, "target"))
     terms = [fn(*(x[lab == k] for x, lab in sets_and_labels)) for k in classes]
     return torch.stack(terms).mean()

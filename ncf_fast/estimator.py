@@ -6,10 +6,12 @@ import math
 import os
 import secrets
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from . import backends
 from . import costs as costs_mod
 from . import distributed
 from .data import check_labels, check_regular_file, check_samples
@@ -77,7 +79,15 @@ class NCF:
         device: torch device (default: CUDA if available, else CPU).
         dtype: torch.float32 or torch.float64.
         seed: seeds the initialisation and the training stream; None draws one (kept in ``seed``).
-        backend: "auto", "reference", "torch" or "triton" (see :class:`ncf_fast.PotentialMLP`).
+        backend: the MLP's backend, "auto", "reference", "torch" or "triton" (see
+            :class:`ncf_fast.PotentialMLP` and :mod:`ncf_fast.backends`).
+        energy_backend: the energy distance's backend in the training loss and the held-out
+            check, the same names (see :func:`ncf_fast.energy.energy_distance`); a fit's
+            ``TrainConfig.energy_backend`` overrides it.
+
+    An explicit "triton" backend that cannot run the model (float64, d >= 128, widths > 512, a
+    cost other than Quadratic/Power; energy: float64 or d > 64) raises ValueError naming the
+    limit; "auto" picks torch for such models.
 
     The maps (transport, inverse, interpolate, potential) raise ValueError until :meth:`fit` or
     :meth:`make_trainer` has run or the model came from :meth:`load` (``fitted`` says which).
@@ -85,7 +95,7 @@ class NCF:
 
     def __init__(self, dim: int, hidden=None, activation: str | None = None, cost="quadratic",
                  t_final: float = 1.0, device=None, dtype=torch.float32, seed: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", energy_backend: str = "auto"):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         dim = int(dim)
@@ -111,6 +121,11 @@ class NCF:
             else:
                 torch.nn.init.zeros_(self.model.layers[-1].weight)
         self.model.to(self.device, self.dtype)
+        # an explicit "triton" that cannot run this model fails here, not at the first step
+        # (the device is checked when an op runs: a model may move between devices)
+        self.energy_backend = backends.check(energy_backend, "energy", self.dtype, dim,
+                                             what="energy_backend")
+        backends.check(backend, "mlp", self.dtype, dim, self.model.hidden, self.cost)
         self.dim = dim
         self.shift = torch.zeros(dim, dtype=torch.float64)
         self.scale = 1.0
@@ -128,13 +143,13 @@ class NCF:
         return {"dim": self.dim, "hidden": list(self.model.hidden), "activation": self.model.activation,
                 "cost": self.cost.spec, "t_final": self.t_final,
                 "dtype": str(self.dtype).replace("torch.", ""), "seed": self.seed,
-                "backend": self.model.backend}
+                "backend": self.model.backend, "energy_backend": self.energy_backend}
 
     def __repr__(self) -> str:
         c = self.config
         return (f"NCF(dim={c['dim']}, hidden={tuple(c['hidden'])}, activation={c['activation']!r}, "
                 f"cost={c['cost']!r}, t_final={c['t_final']:g}, device={str(self.device)!r}, "
-                f"backend={c['backend']!r})")
+                f"backend={c['backend']!r}, energy_backend={c['energy_backend']!r})")
 
     # ------------------------------------------------------------------- coordinates
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +254,11 @@ class NCF:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         config = config.resolve(self.dim, self.device)  # defaults for the fields left at None
+        if config.energy_backend is None:
+            config = replace(config, energy_backend=self.energy_backend)
+        else:
+            backends.check(config.energy_backend, "energy", self.dtype, self.dim,
+                           what="energy_backend")
         if (source_labels is None) != (target_labels is None):
             raise ValueError("class-conditional OT needs both source_labels and target_labels")
         self.trainer = self._make_trainer(source, target, source_labels, target_labels, config)
@@ -419,7 +439,8 @@ class NCF:
             hidden = tuple(int(h) for h in cfg["hidden"])
             ncf = cls(int(cfg["dim"]), hidden=hidden, activation=cfg["activation"], cost=cfg["cost"],
                       t_final=float(cfg["t_final"]), device=device, dtype=cfg["dtype"],
-                      seed=int(cfg["seed"]), backend=cfg.get("backend", "auto"))
+                      seed=int(cfg["seed"]), backend=cfg.get("backend", "auto"),
+                      energy_backend=cfg.get("energy_backend", "auto"))
             ncf.model.load_state_dict(ckpt["state_dict"])
             bad = [k for k, v in ncf.model.state_dict().items() if not bool(v.isfinite().all())]
             if bad:

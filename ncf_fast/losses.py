@@ -4,7 +4,8 @@
     L_HJ    = E r^2            (Park et al. 2026, Eq. 13)
     L_MMD   = E(T(X), Y)       (unbiased squared energy distance, see ncf_fast.energy)
 
-The residual dispatches on the model's backend; the energy distance picks its own.
+The residual dispatches on the model's backend; the energy distance takes its own ``backend``
+(the trainer passes the estimator's ``energy_backend``); :mod:`ncf_fast.backends` resolves both.
 """
 from __future__ import annotations
 

@@ -4,28 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fused, reference
+from . import backends, fused, reference
 from .activations import check_activation
 
-__all__ = ["PotentialMLP", "BACKENDS", "resolve_backend", "as_time_column"]
-
-BACKENDS = ("auto", "reference", "torch", "triton")
-
-
-def check_backend(backend: str) -> str:
-    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return backend.lower()
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``: 'auto' is triton on CUDA, torch on CPU."""
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        from .kernels import triton_available
-        return "triton" if triton_available() else "torch"
-    return "torch"
+__all__ = ["PotentialMLP", "as_time_column"]
 
 
 def as_time_column(t, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +32,8 @@ class PotentialMLP(nn.Module):
         activation: "softplus", "tanh" or "silu" (smooth: the loss differentiates grad_x u).
         backend: how :meth:`value_and_grad` and the characteristic residual are computed:
             "reference" (autograd), "torch" (fused analytic algorithm in torch ops),
-            "triton" (fused GPU kernels), "auto" (triton on CUDA, torch on CPU).
+            "triton" (fused GPU kernels), "auto" (the fastest that supports the case:
+            :func:`ncf_fast.backends.resolve`, e.g. torch for float64 or d >= 128).
 
     The state_dict (``layers.k.weight``, ``layers.k.bias``) is the same for every backend.
     """
@@ -66,7 +49,7 @@ class PotentialMLP(nn.Module):
         self.dim = dim
         self.hidden = hidden
         self.activation = check_activation(activation)
-        self.backend = check_backend(backend)
+        self.backend = backends.check_name(backend)
         widths = (dim + 1,) + hidden + (1,)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
 
@@ -77,6 +60,11 @@ class PotentialMLP(nn.Module):
     def params(self) -> list[torch.Tensor]:
         """(W_1, b_1, ..., W_{L+1}, b_{L+1}): the flat parameter list every backend takes."""
         return [p for layer in self.layers for p in (layer.weight, layer.bias)]
+
+    def _backend(self, x: torch.Tensor, cost=None) -> str:
+        """The backend that runs for x (and cost): :func:`ncf_fast.backends.select`."""
+        dtype = torch.promote_types(x.dtype, self.layers[0].weight.dtype)
+        return backends.select(self.backend, "mlp", x.device, dtype, self.dim, self.hidden, cost)
 
     def _inputs(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -95,7 +83,7 @@ class PotentialMLP(nn.Module):
         and x (every backend); otherwise it is detached.
         """
         x, t = self._inputs(x, t)
-        backend = resolve_backend(self.backend, x.device)
+        backend = self._backend(x)
         if backend == "reference":
             return reference.potential_and_grad(self.params, self.activation, x, t,
                                                 create_graph=create_graph)
@@ -110,7 +98,7 @@ class PotentialMLP(nn.Module):
     def characteristic_residual(self, x: torch.Tensor, t, cost):
         """r(x, t) per point (N,), differentiable in the parameters; see ncf_fast.losses."""
         x, t = self._inputs(x, t)
-        backend = resolve_backend(self.backend, x.device)
+        backend = self._backend(x, cost)
         if backend == "reference":
             return reference.characteristic_residual(self.params, self.activation, cost, x, t)
         if backend == "torch":

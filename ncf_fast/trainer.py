@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from .energy import (class_conditional_energy_distance, class_conditional_witness_energy_distance,
-                     energy_distance, witness_energy_distance)
+from . import backends
+from .energy import (ClassSegments, class_conditional_energy_distance,
+                     class_conditional_witness_energy_distance, class_segments,
+                     energy_distance, segmented_energy_distance,
+                     segmented_witness_energy_distance, witness_energy_distance)
 from .losses import hj_residual
 from .sampling import Collocation, SampleSet
 
@@ -29,11 +32,11 @@ _WITHIN_ROWS = 256
 # (passive_age 1) in every dimension: with the 2-D network's SiLU (estimator.default_activation)
 # that beat 4096 at age 4 (softplus) on the 2-D pairs, in less time (README "Accuracy").
 LOW_DIM_MAX = 2
-_LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 2048,
-            "passive_age": 1,
+_LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
+            "mmd_batch_size": 2048, "passive_age": 1,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
-_HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "mmd_active": 256, "mmd_batch_size": 2048,
-             "passive_age": 1,
+_HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "batch_size": 512, "mmd_active": 256,
+             "mmd_batch_size": 2048, "passive_age": 1,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
 # passive_age: the passive pushed samples live in a queue of that many batches, one pushed afresh
@@ -48,20 +51,20 @@ _BY_DIMENSION = tuple(_LOW_DIM)
 # 0.040/0.049, 0.052/0.061, 0.060/0.084, 0.032/0.034 % in 33-39 s.
 
 
-# On a GPU the energy term's pairs are cheap next to the step's fixed costs, so the passive and
-# target sets grow 4x there. On 2 CPU cores, 4x larger sets lowered the error (GaussianOT(8, seed
-# 1): 0.297/0.382 % -> 0.226/0.291 %; in 2-D, see above) but cost up to 120 % more time in d = 8;
-# the GPU cost is not measured.
-_GPU_MMD_SCALE = 4
+# On a GPU (device.type == "cuda") the step is large-batch in every dimension: ncf_fast is for
+# large-batch training, and a GPU needs many rows to fill its SMs. Not yet measured on a GPU
+# (README, "GPU defaults").
+_GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192}
 
 
 def dimension_defaults(dim: int, device=None) -> dict:
     """The values TrainConfig's dimension-dependent fields (None) take for data in ``dim``-D
-    (``device``: a CUDA device scales mmd_batch_size by 4)."""
+    on ``device`` (a CUDA device takes the large-batch sizes of ``_GPU``; the CPU's are the
+    measured ones)."""
     preset = _LOW_DIM if dim <= LOW_DIM_MAX else _HIGH_DIM
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in preset.items()}
     if device is not None and torch.device(device).type == "cuda":
-        out["mmd_batch_size"] *= _GPU_MMD_SCALE
+        out.update(_GPU)
     return out
 
 
@@ -69,9 +72,9 @@ def dimension_defaults(dim: int, device=None) -> dict:
 class TrainConfig:
     """Hyper-parameters of :meth:`ncf_fast.NCF.fit` (all have working defaults).
 
-    Fields left at None (lr, mmd_weight, mmd_active, mmd_batch_size, passive_age, collocation,
-    or single collocation weights) take the dimension's default (:func:`dimension_defaults`) when the
-    trainer is built (:meth:`resolve`).
+    Fields left at None (lr, mmd_weight, batch_size, mmd_active, mmd_batch_size, passive_age,
+    collocation, or single collocation weights) take the default for the dimension and device
+    (:func:`dimension_defaults`) when the trainer is built (:meth:`resolve`).
 
     steps: optimizer steps. batch_size: collocation points per step (L_HJ).
     mmd_batch_size: target samples per step for the energy distance (L_MMD), and as many
@@ -86,10 +89,12 @@ class TrainConfig:
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
+    energy_backend: the energy distance's backend in the loss and the held-out check
+    (:mod:`ncf_fast.backends` names); None: the estimator's (``NCF(energy_backend=...)``).
     """
 
     steps: int = 3000
-    batch_size: int = 512
+    batch_size: int | None = None
     mmd_batch_size: int | None = None
     mmd_active: int | None = None
     passive_age: int | None = None
@@ -105,12 +110,17 @@ class TrainConfig:
     box_margin: float = 0.1
     eval_every: int = 250
     holdout: int = 2048
+    energy_backend: str | None = None
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None and f.name in _BY_DIMENSION:
                 continue  # the dimension's default, filled in by resolve()
+            if f.name == "energy_backend":
+                if value is not None:
+                    self.energy_backend = backends.check_name(value, "energy_backend")
+                continue
             if f.name == "collocation":
                 if not isinstance(value, dict):
                     raise TypeError(f"collocation must be a dict of weights, got {type(value).__name__}")
@@ -197,22 +207,26 @@ class Trainer:
                                           (torch.float32, torch.float64))
         self.step_count = 0
         self.labelled = source.labels is not None
+        self._segment_cache: dict = {}  # see _segments
         self.passive: list = []  # queue of (pushed samples, labels or None), newest last
         self.dist = None  # a DistContext under a multi-process launch (see ncf_fast.distributed)
 
     def losses(self):
         """(L_HJ, L_MMD) on a fresh batch, differentiable in the parameters."""
         cfg, ncf, gen = self.config, self.ncf, self.generator
+        backend = cfg.energy_backend or ncf.energy_backend
         if cfg.mmd_active == 0:  # plain U-statistic: every pushed sample carries the gradient
             xs, ls = self.source.draw(cfg.mmd_batch_size, gen)
             yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
             l_hj = self._hj_loss(xs, yt)
             pushed = ncf._push(xs, create_graph=True)
             if self.dist is not None:  # this rank's rows of the union's U-statistic
-                return l_hj, self.dist.energy_distance(pushed, yt, ls, lt)
+                return l_hj, self.dist.energy_distance(pushed, yt, ls, lt, backend)
             if self.labelled:
-                return l_hj, class_conditional_energy_distance(pushed, yt, ls, lt)
-            return l_hj, energy_distance(pushed, yt)
+                return l_hj, segmented_energy_distance(
+                    pushed, yt, self._segments(ls, cfg.mmd_batch_size),
+                    self._segments(lt, cfg.mmd_batch_size), backend)
+            return l_hj, energy_distance(pushed, yt, backend)
         xa, la = self.source.draw(cfg.mmd_active, gen)
         fresh, pushed = self._refresh_passive()
         yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
@@ -222,10 +236,38 @@ class Trainer:
         lp = torch.cat([lab for _, lab in self.passive]) if self.labelled else None
         if self.dist is not None:  # every rank's passive samples and targets (no gradient)
             passive, yt, lp, lt = self.dist.gather_rows(passive, yt, lp, lt)
+            if self.labelled:
+                return l_hj, class_conditional_witness_energy_distance(
+                    active, passive, yt, la, lp, lt, within_rows=_WITHIN_ROWS, backend=backend)
         if self.labelled:
-            return l_hj, class_conditional_witness_energy_distance(
-                active, passive, yt, la, lp, lt, within_rows=_WITHIN_ROWS)
-        return l_hj, witness_energy_distance(active, passive, yt, within_rows=_WITHIN_ROWS)
+            per_batch = -(-cfg.mmd_batch_size // cfg.passive_age)
+            segs = (self._segments(la, cfg.mmd_active),
+                    self._segments(lp, per_batch, len(self.passive)),
+                    self._segments(lt, cfg.mmd_batch_size))
+            return l_hj, segmented_witness_energy_distance(
+                active, passive, yt, *segs, within_rows=_WITHIN_ROWS, backend=backend)
+        return l_hj, witness_energy_distance(active, passive, yt, within_rows=_WITHIN_ROWS,
+                                             backend=backend)
+
+    def _segments(self, labels: torch.Tensor, drawn: int, batches: int = 1) -> ClassSegments:
+        """Where each class sits in ``batches`` concatenated stratified draws of ``drawn`` rows
+        (:meth:`SampleSet.draw`: class by class, the same count of each), computed once per fit
+        so that a step copies nothing to the host (a CUDA graph could capture it). The first use
+        of a layout checks it against the labels (one host copy per layout and fit); labels in
+        another layout (a passive queue of other sizes, restored from a checkpoint) are located
+        from the labels, at one host copy per call."""
+        classes = self.source.classes
+        per_class = -(-drawn // len(classes))
+        key = (per_class, batches, labels.shape[0])
+        seg = self._segment_cache.get(key)
+        if seg is None:
+            found = class_segments(labels, classes, "class-conditional loss")
+            seg = ClassSegments.blocks(len(classes), per_class, batches, labels.device)
+            if labels.shape[0] != len(seg.order) or seg.bounds != found.bounds or not torch.equal(
+                    seg.order, found.order):
+                return found
+            self._segment_cache[key] = seg
+        return seg
 
     def _hj_loss(self, source, target, pushes=None):
         xc, tc = self.collocation.draw(self.config.batch_size, source, target, self.generator,
@@ -268,10 +310,11 @@ class Trainer:
         """Energy distance between T(held-out source) and the held-out target, in data units."""
         xs, yt, ls, lt = self.holdout
         pushed = self.ncf._push(xs)
+        backend = self.config.energy_backend or self.ncf.energy_backend
         if ls is not None:
-            value = class_conditional_energy_distance(pushed, yt, ls, lt)
+            value = class_conditional_energy_distance(pushed, yt, ls, lt, backend)
         else:
-            value = energy_distance(pushed, yt)
+            value = energy_distance(pushed, yt, backend)
         return float(value) * self.ncf.scale
 
     def run(self, progress: bool = True, callback=None, history=None) -> dict:
@@ -280,14 +323,11 @@ class Trainer:
         callback(step, logs) is called after every step with logs = {"step", "hj", "mmd", "lr"}
         (plus "heldout" at check steps); returning True stops training early.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         history = history if history is not None else new_history()
         pending = []
         flush_every = 50  # read losses back in groups: a .item() per step would sync a GPU
-        bar = tqdm(total=cfg.steps, initial=self.step_count, disable=not progress,
-                   desc="NCF", dynamic_ncols=True, leave=False)
+        bar = _progress_bar(cfg.steps, self.step_count) if progress else _NoBar()
         start = time.perf_counter()
         # saturated sigmoids make denormal floats, which slow CPU arithmetic ~30% (measured at
         # d = 2); flushing them to zero changes nothing above 1e-38
@@ -340,6 +380,25 @@ class Trainer:
         device = self.model.layers[0].weight.device
         self.passive = [(p.to(device), None if lab is None else lab.to(device))
                         for p, lab in state.get("passive", [])]
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm  # imported only when a bar is shown
+
+    return tqdm(total=total, initial=initial, desc="NCF", dynamic_ncols=True, leave=False)
+
+
+class _NoBar:
+    """What run() calls on a bar, doing nothing (progress=False: tqdm is not imported)."""
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n: int = 1):
+        pass
+
+    def close(self):
+        pass
 
 
 def new_history() -> dict:
