@@ -31,8 +31,13 @@ row per tile) and Ga_i (float32) in registers. Two arithmetic modes, picked from
 * DIRECT (d <= 4): explicit differences for every pair (3d + ~10 flops): cheaper than the
   padded dot plus the near-pair fix, which low-dimensional data triggers in almost every tile.
 
-One rsqrt per pair gives both |a - b| = d2 * rsqrt(d2) and w = rsqrt(d2). Value-only mode
-(GRAD=False) skips the gradient dot and stores only S.
+One rsqrt per pair gives both |a - b| = d2 * rsqrt(d2) and w = rsqrt(d2). tl.rsqrt is
+rsqrt.approx.ftz on the GPU: a subnormal d2 (|a - b| < 1.1e-19) would give inf, so the Gram
+threshold is floored at the smallest normal (such pairs take the exact path) and the exact
+paths lift a subnormal d2 by 2^64 before the rsqrt (_rsqrt_subnormal_safe). Value-only mode
+(GRAD=False) skips the gradient dot and stores only S. Results are deterministic: every row's
+S and Ga are summed by one program in a fixed order (its atomics touch only its own rows, and a
+barrier orders the near-pair adds before the final one).
 
 Bound on an H200 (value and both gradients, N = M = 1e6, d = 16): the estimator needs the
 (a, b), (b, a), (a, a), (b, b) passes = 4e12 pairs (3e12 for the value alone). The issue's
@@ -57,6 +62,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .mlp_sweeps import device_guard
 
 __all__ = ["pair_sums", "segment_pair_sums", "pair_distance_sum", "config_for", "all_configs",
            "MAX_D", "NEAR"]
@@ -99,6 +106,22 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_fix()
 
 
+# Smallest normal fp32, and the power-of-two rescaling that lifts a subnormal squared distance
+# into the normal range (2^-149 * 2^64 = 2^-85) for the rsqrt, undone exactly by 2^32 after it.
+MIN_NORMAL = tl.constexpr(2.0 ** -126)
+_LIFT = tl.constexpr(2.0 ** 64)
+_UNLIFT = tl.constexpr(2.0 ** 32)
+
+
+@triton.jit
+def _rsqrt_subnormal_safe(d2):
+    """1/sqrt(d2) for every d2 > 0. tl.rsqrt compiles to rsqrt.approx.ftz.f32, which flushes a
+    subnormal d2 (|a - b| < 1.1e-19) to zero and returns inf, and inf * d2 or inf * (a - b)
+    then poisons S and G; a subnormal d2 is scaled by 2^64 first, exactly."""
+    tiny = d2 < MIN_NORMAL
+    return tl.rsqrt(tl.where(tiny, d2 * _LIFT, d2)) * tl.where(tiny, _UNLIFT, 1.0)
+
+
 @triton.jit
 def _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d, stride_ad, stride_bd,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -136,7 +159,7 @@ def _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok, col_ok, n
     d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d, stride_ad, stride_bd,
                     BLOCK_N, BLOCK_M)
     pos = near_pair & (d2 > 0.0)
-    w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
+    w = tl.where(pos, _rsqrt_subnormal_safe(tl.where(pos, d2, 1.0)), 0.0)
     if GRAD:
         g_rows = rows.to(tl.int64) * stride_gn
         for k in range(0, d):
@@ -207,8 +230,11 @@ def _pair_sums_kernel(
             ab = tl.dot(a_hi, tl.trans(b_lo), acc=ab, input_precision="tf32")
             ab = tl.dot(a_hi, tl.trans(b_hi), acc=ab, input_precision="tf32")
             d2 = norms - 2.0 * ab
-            far = d2 > near * norms  # also > 0: the Gram form is trusted here
-            near_pair = valid & (d2 <= near * norms)
+            # the Gram form is trusted above the threshold (hence d2 > 0 and, by the floor at
+            # the smallest normal, never subnormal: the main loop's plain rsqrt stays finite)
+            thr = tl.maximum(near * norms, MIN_NORMAL)
+            far = d2 > thr
+            near_pair = valid & (d2 <= thr)
             if tl.sum(near_pair.to(tl.int32)) > 0:  # rare beyond d = 4: a runtime branch
                 s_acc += _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok,
                                          col_ok, near_pair, d, stride_ad, stride_bd, stride_gn,
@@ -219,8 +245,12 @@ def _pair_sums_kernel(
                             stride_ad, stride_bd, BLOCK_N, BLOCK_M)
             pos = valid & (d2 > 0.0)
         # one MUFU rsqrt gives both 1/|a - b| and |a - b| = d2 w; rsqrt(1) off the support keeps
-        # inf out of the interpreter (no cost on the GPU beyond one select)
-        w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
+        # inf out of the interpreter (no cost on the GPU beyond one select). DIRECT pairs may be
+        # subnormal: the rescaled rsqrt (a compare, two selects, two multiplies more per pair)
+        if GRAM:
+            w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
+        else:
+            w = tl.where(pos, _rsqrt_subnormal_safe(tl.where(pos, d2, 1.0)), 0.0)
         s_acc += tl.sum(d2 * w, axis=1).to(tl.float64)
         if GRAD:
             if GRAM:
@@ -244,6 +274,9 @@ def _pair_sums_kernel(
             a_tile = tl.load(a_ptr + rows64[:, None] + offs_d[None, :] * stride_ad,
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             g_acc += a_tile * w_acc[:, None]
+            # the near-pair adds into these rows came from other threads of this program: the
+            # barrier orders them before this add, so the sum's order (and bits) never vary
+            tl.debug_barrier()
             tl.atomic_add(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         else:
             tl.store(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -337,12 +370,13 @@ def _launch(a, b, grad, seg, rows, row_hi, col_lo, col_hi, zero_init):
         a_hi = a_lo = a2 = a
         b_hi = b_lo = b2 = b
     if len(rows) > 0:
-        _pair_sums_kernel[(len(rows),)](
-            a, b, a_hi, a_lo, b_hi, b_lo, a2, b2, s, g if grad else s, seg, rows, row_hi, col_lo,
-            col_hi, d,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            g.stride(0) if grad else 0, g.stride(1) if grad else 0,
-            NEAR, GRAD=grad, num_warps=num_warps, num_stages=num_stages, **cfg)
+        with device_guard(a):  # Triton launches on the current device: make it a's
+            _pair_sums_kernel[(len(rows),)](
+                a, b, a_hi, a_lo, b_hi, b_lo, a2, b2, s, g if grad else s, seg, rows, row_hi,
+                col_lo, col_hi, d,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                g.stride(0) if grad else 0, g.stride(1) if grad else 0,
+                NEAR, GRAD=grad, num_warps=num_warps, num_stages=num_stages, **cfg)
     return s, g
 
 
