@@ -33,8 +33,9 @@ row per tile) and Ga_i (float32) in registers. Two arithmetic modes, picked from
 
 One rsqrt per pair gives both |a - b| = d2 * rsqrt(d2) and w = rsqrt(d2). tl.rsqrt is
 rsqrt.approx.ftz on the GPU: a subnormal d2 (|a - b| < 1.1e-19) would give inf, so the Gram
-threshold is floored at the smallest normal (such pairs take the exact path) and the exact
-paths lift a subnormal d2 by 2^64 before the rsqrt (_rsqrt_subnormal_safe). Value-only mode
+threshold is floored at the smallest normal (such pairs take the exact near-pair path, which
+lifts a subnormal d2 by 2^64 before the rsqrt: _rsqrt_subnormal_safe) and DIRECT mode computes
+with every d2 lifted by 2^24, undone on the row sums. Value-only mode
 (GRAD=False) skips the gradient dot and stores only S. Results are deterministic: every row's
 S and Ga are summed by one program in a fixed order (its atomics touch only its own rows, and a
 barrier orders the near-pair adds before the final one).
@@ -111,6 +112,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 MIN_NORMAL = tl.constexpr(2.0 ** -126)
 _LIFT = tl.constexpr(2.0 ** 64)
 _UNLIFT = tl.constexpr(2.0 ** 32)
+# DIRECT mode lifts every d2 by 2^24 (the smallest even power that makes 2^-149 normal): S comes
+# out 2^12 too large and the unit-vector sums 2^12 too small. A d2 above 2^104 (|a - b| > 4.5e15)
+# overflows to inf, and S to NaN: loud, far outside fp32 data that has a meaningful distance.
+_DIRECT_LIFT = tl.constexpr(2.0 ** 24)
+_DIRECT_UNLIFT = tl.constexpr(2.0 ** -12)
+_DIRECT_REGAIN = tl.constexpr(2.0 ** 12)
 
 
 @triton.jit
@@ -241,16 +248,16 @@ def _pair_sums_kernel(
                                          stride_gd, BLOCK_N, BLOCK_M, GRAD).to(tl.float64)
             pos = valid & far
         else:
+            # lifted by 2^24 (exact): no nonzero d2 is subnormal (2^-149 * 2^24 = 2^-125), so
+            # the flushing rsqrt never sees one; w and d2 w are 2^-12 and 2^12 times the true
+            # values, undone once per row below (one multiply per pair: a per-pair guard or a
+            # per-tile branch made this variant spill on sm_90a)
             d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d,
-                            stride_ad, stride_bd, BLOCK_N, BLOCK_M)
+                            stride_ad, stride_bd, BLOCK_N, BLOCK_M) * _DIRECT_LIFT
             pos = valid & (d2 > 0.0)
         # one MUFU rsqrt gives both 1/|a - b| and |a - b| = d2 w; rsqrt(1) off the support keeps
-        # inf out of the interpreter (no cost on the GPU beyond one select). DIRECT pairs may be
-        # subnormal: the rescaled rsqrt (a compare, two selects, two multiplies more per pair)
-        if GRAM:
-            w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
-        else:
-            w = tl.where(pos, _rsqrt_subnormal_safe(tl.where(pos, d2, 1.0)), 0.0)
+        # inf out of the interpreter (no cost on the GPU beyond one select)
+        w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
         s_acc += tl.sum(d2 * w, axis=1).to(tl.float64)
         if GRAD:
             if GRAM:
@@ -264,6 +271,9 @@ def _pair_sums_kernel(
                 g_acc += _direct_unit_sums(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, w, d,
                                            stride_ad, stride_bd, BLOCK_N, BLOCK_D)
 
+    if not GRAM:
+        s_acc = s_acc * _DIRECT_UNLIFT
+        g_acc = g_acc * _DIRECT_REGAIN
     tl.store(s_ptr + rows, s_acc, mask=row_ok)
     if GRAD:
         d_ok = offs_d < d
