@@ -184,7 +184,11 @@ def _tf32_split(x):
     return hi, x - hi
 
 
-@triton.jit
+# d and the row strides (= d for the contiguous inputs the launcher passes) are not value-
+# specialised: one compile per (d bucket, GRAD) serves every d of the bucket (d = 1 and
+# d % 16 == 0 would otherwise each compile their own variant), which the GPU check's warm-up
+# relies on; nothing in the kernel vectorises along a row stride.
+@triton.jit(do_not_specialize=["d", "stride_an", "stride_bm", "stride_gn"])
 def _pair_sums_kernel(
         a_ptr, b_ptr, ahi_ptr, alo_ptr, bhi_ptr, blo_ptr, a2_ptr, b2_ptr, s_ptr, g_ptr,
         blk_seg_ptr, blk_row_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr,
@@ -328,8 +332,10 @@ def _plain_table(n: int, m: int, block_n: int, device: str):
     dev = torch.device(device)
     rows = torch.arange(0, n, block_n, dtype=torch.int32, device=dev)
     seg = torch.zeros_like(rows)
-    bounds = torch.tensor([n, 0, m], dtype=torch.int32, device=dev)
-    return seg, rows, bounds[0:1], bounds[1:2], bounds[2:3]
+    # three allocations, not slices of one: every table pointer is then 16-byte aligned, as in
+    # the segmented launches, so both share one compiled kernel
+    row_hi, col_lo, col_hi = (torch.tensor([v], dtype=torch.int32, device=dev) for v in (n, 0, m))
+    return seg, rows, row_hi, col_lo, col_hi
 
 
 def _segment_table(row_lo, row_hi, block_n):
