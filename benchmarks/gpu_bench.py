@@ -65,7 +65,7 @@ if SMOKE:  # toy sizes: every row once, interpreted (the interpreter is not a be
     MMD_ROWS, ACCURACY = 40, (2, 16, 70)
 else:
     MLP_SHAPES = BENCH_MLP
-    ENERGY_SHAPES = ((8192, 2), (8192, 16), (65_536, 16), (1_000_000, 16))
+    ENERGY_SHAPES = ((8192, 2), (8192, 16), (8192, 64), (65_536, 16), (1_000_000, 16))
     TRAIN_SHAPES = BENCH_MLP[:2]
     MMD_ROWS, ACCURACY = 8192, ACCURACY_MLP
 

@@ -272,7 +272,7 @@ def test_triton_deterministic_gradients_are_bitwise_equal_run_to_run():
     # the default (atomic) mode agrees to rounding
     shared = _all_gradients(params, act, cost, x, t, weights, False)
     for g1, g2 in zip(first, shared):  # fp32 sums of n rows in another order
-        assert float((g1 - g2).abs().max()) <= 1e-5 * max(float(g1.abs().max()), 1.0)
+        assert float((g1 - g2).abs().max()) <= 1e-4 * max(float(g1.abs().max()), 1.0)
 
 
 def test_potential_mlp_passes_deterministic_to_the_kernels(monkeypatch):
