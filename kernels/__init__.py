@@ -34,7 +34,8 @@ def potential_and_grad(params, act, x, t, deterministic: bool = False):
 
 def characteristic_residual(params, act, cost, x, t, deterministic: bool = False):
     """r(x, t) (N,) of the PotentialMLP ``params``; ``deterministic`` as for
-    :func:`potential_and_grad`. See :func:`ncf_fast.kernels.mlp_residual.characteristic_residual`."""
+    :func:`potential_and_grad`. See
+    :func:`ncf_fast.kernels.mlp_residual.characteristic_residual`."""
     from .mlp_residual import characteristic_residual as fused
     return fused(params, act, cost, x, t, deterministic=deterministic)
 

@@ -28,8 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from .mlp_sweeps import (BATCH_ARGS, block_constexprs, device_guard, dot_precision, down_sweep,
                          grad_buffers, launch_config, mlp_layout, pack_params, program_grads,
-                         reduce_grads, stage_rows, tangent_sweep, tile, unit_feature_stride, unpack_grads,
-                         up_sweep)
+                         reduce_grads, stage_rows, tangent_sweep, tile, unit_feature_stride,
+                         unpack_grads, up_sweep)
 
 __all__ = ["PotentialAndGrad", "potential_and_grad"]
 

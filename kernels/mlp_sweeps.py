@@ -74,9 +74,9 @@ import triton
 import triton.language as tl
 
 __all__ = ["ACTIVATION_CODES", "MLPLayout", "mlp_layout", "pack_params", "unpack_grads",
-           "launch_config", "grad_buffers", "reduce_grads", "device_guard", "unit_feature_stride", "set_dot_precision",
-           "dot_precision", "MAX_WIDTH", "MAX_INPUT", "PROGRAMS_PER_SM", "THREE_PER_SM_REGISTERS",
-           "LAUNCH_OPTIONS", "BATCH_ARGS"]
+           "launch_config", "grad_buffers", "reduce_grads", "device_guard",
+           "unit_feature_stride", "set_dot_precision", "dot_precision", "MAX_WIDTH", "MAX_INPUT",
+           "PROGRAMS_PER_SM", "THREE_PER_SM_REGISTERS", "LAUNCH_OPTIONS", "BATCH_ARGS"]
 
 ACTIVATION_CODES = {"softplus": 0, "tanh": 1, "silu": 2}
 QUADRATIC, POWER = 0, 1

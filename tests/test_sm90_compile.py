@@ -7,8 +7,8 @@ its launcher's JIT launch would be: the real launcher runs on CPU stand-in tenso
 kernel replaced by a recorder (tests/sm90.py: RecordLaunches), and the recorded launch goes
 through Triton's own binder for GPUTarget("cuda", 90, 32) (the JIT's specialisation, signature,
 constexprs and options). Asserted per configuration: it compiles, 0 spill bytes,
-metadata.shared <= 227 KB, the dots became tensor-core instructions (wgmma or mma), and every atomic is relaxed
-(no acq_rel). Asserted per kernel: its JIT specialisation is the same for every batch size
+metadata.shared <= 227 KB, the dots became tensor-core instructions (wgmma or mma), and every
+atomic is relaxed (no acq_rel). Asserted per kernel: its JIT specialisation is the same for every batch size
 (one compile serves all). The compiles run in a subprocess started without TRITON_INTERPRET
 (under the interpreter @triton.jit returns an interpreted function).
 

@@ -5,7 +5,9 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)) in a subprocess
 TRITON_INTERPRET, run the ptxas inside the triton wheel (-v --gpu-name=sm_90a) on the ptx, and
 assert per configuration: it compiles, 0 spill bytes, metadata.shared <= 227 KB, the Gram
 mode's tl.dot became tensor-core instructions (wgmma or mma) -- the DIRECT mode (d <= 4) has no
-dot and must have none -- and no atomic has acquire-release semantics. Configurations: every (d bucket, GRAD) pair the launcher can pick
+dot and must have none -- and no atomic has acquire-release semantics; and that every d of a
+bucket, plain and segmented, shares one JIT specialisation (Triton's own binder).
+Configurations: every (d bucket, GRAD) pair the launcher can pick
 (kernels.energy_distance.all_configs(): DIRECT, GRAM with BLOCK_D 16, 32, 64; value-only
 and with gradient), with the launcher's own block sizes, warps and stages. The segmented and
 plain launches are the same kernel (the block table is a runtime argument).
