@@ -23,18 +23,21 @@ def triton_available() -> bool:
 __all__ += ["potential_and_grad", "characteristic_residual", "set_dot_precision"]
 
 
-def potential_and_grad(params, act, x, t):
-    """(u (N,), grad_x u (N, d)) of the PotentialMLP ``params`` at x (N, d), t (N, 1); see
+def potential_and_grad(params, act, x, t, deterministic: bool = False):
+    """(u (N,), grad_x u (N, d)) of the PotentialMLP ``params`` at x (N, d), t (N, 1);
+    ``deterministic``: bitwise-reproducible weight gradients (per-program copies reduced in a
+    fixed order) instead of atomic adds. See
     :func:`ncf_fast.kernels.mlp_potential.potential_and_grad`."""
     from .mlp_potential import potential_and_grad as fused
-    return fused(params, act, x, t)
+    return fused(params, act, x, t, deterministic=deterministic)
 
 
-def characteristic_residual(params, act, cost, x, t):
-    """r(x, t) (N,) of the PotentialMLP ``params``; see
+def characteristic_residual(params, act, cost, x, t, deterministic: bool = False):
+    """r(x, t) (N,) of the PotentialMLP ``params``; ``deterministic`` as for
+    :func:`potential_and_grad`. See
     :func:`ncf_fast.kernels.mlp_residual.characteristic_residual`."""
     from .mlp_residual import characteristic_residual as fused
-    return fused(params, act, cost, x, t)
+    return fused(params, act, cost, x, t, deterministic=deterministic)
 
 
 def set_dot_precision(precision: str) -> None:

@@ -31,8 +31,14 @@ row per tile) and Ga_i (float32) in registers. Two arithmetic modes, picked from
 * DIRECT (d <= 4): explicit differences for every pair (3d + ~10 flops): cheaper than the
   padded dot plus the near-pair fix, which low-dimensional data triggers in almost every tile.
 
-One rsqrt per pair gives both |a - b| = d2 * rsqrt(d2) and w = rsqrt(d2). Value-only mode
-(GRAD=False) skips the gradient dot and stores only S.
+One rsqrt per pair gives both |a - b| = d2 * rsqrt(d2) and w = rsqrt(d2). tl.rsqrt is
+rsqrt.approx.ftz on the GPU: a subnormal d2 (|a - b| < 1.1e-19) would give inf, so the Gram
+threshold is floored at the smallest normal (such pairs take the exact near-pair path, which
+lifts a subnormal d2 by 2^64 before the rsqrt: _rsqrt_subnormal_safe) and DIRECT mode computes
+with every d2 lifted by 2^24, undone on the row sums. Value-only mode
+(GRAD=False) skips the gradient dot and stores only S. Results are deterministic: every row's
+S and Ga are summed by one program in a fixed order (its atomics touch only its own rows, and a
+barrier orders the near-pair adds before the final one).
 
 Bound on an H200 (value and both gradients, N = M = 1e6, d = 16): the estimator needs the
 (a, b), (b, a), (a, a), (b, b) passes = 4e12 pairs (3e12 for the value alone). The issue's
@@ -57,6 +63,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .mlp_sweeps import device_guard
 
 __all__ = ["pair_sums", "segment_pair_sums", "pair_distance_sum", "config_for", "all_configs",
            "MAX_D", "NEAR"]
@@ -99,6 +107,28 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_fix()
 
 
+# Smallest normal fp32, and the power-of-two rescaling that lifts a subnormal squared distance
+# into the normal range (2^-149 * 2^64 = 2^-85) for the rsqrt, undone exactly by 2^32 after it.
+MIN_NORMAL = tl.constexpr(2.0 ** -126)
+_LIFT = tl.constexpr(2.0 ** 64)
+_UNLIFT = tl.constexpr(2.0 ** 32)
+# DIRECT mode lifts every d2 by 2^24 (the smallest even power that makes 2^-149 normal): S comes
+# out 2^12 too large and the unit-vector sums 2^12 too small. A d2 above 2^104 (|a - b| > 4.5e15)
+# overflows to inf, and S to NaN: loud, far outside fp32 data that has a meaningful distance.
+_DIRECT_LIFT = tl.constexpr(2.0 ** 24)
+_DIRECT_UNLIFT = tl.constexpr(2.0 ** -12)
+_DIRECT_REGAIN = tl.constexpr(2.0 ** 12)
+
+
+@triton.jit
+def _rsqrt_subnormal_safe(d2):
+    """1/sqrt(d2) for every d2 > 0. tl.rsqrt compiles to rsqrt.approx.ftz.f32, which flushes a
+    subnormal d2 (|a - b| < 1.1e-19) to zero and returns inf, and inf * d2 or inf * (a - b)
+    then poisons S and G; a subnormal d2 is scaled by 2^64 first, exactly."""
+    tiny = d2 < MIN_NORMAL
+    return tl.rsqrt(tl.where(tiny, d2 * _LIFT, d2)) * tl.where(tiny, _UNLIFT, 1.0)
+
+
 @triton.jit
 def _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d, stride_ad, stride_bd,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -136,7 +166,7 @@ def _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok, col_ok, n
     d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d, stride_ad, stride_bd,
                     BLOCK_N, BLOCK_M)
     pos = near_pair & (d2 > 0.0)
-    w = tl.where(pos, tl.rsqrt(tl.where(pos, d2, 1.0)), 0.0)
+    w = tl.where(pos, _rsqrt_subnormal_safe(tl.where(pos, d2, 1.0)), 0.0)
     if GRAD:
         g_rows = rows.to(tl.int64) * stride_gn
         for k in range(0, d):
@@ -154,7 +184,11 @@ def _tf32_split(x):
     return hi, x - hi
 
 
-@triton.jit
+# d and the row strides (= d for the contiguous inputs the launcher passes) are not value-
+# specialised: one compile per (d bucket, GRAD) serves every d of the bucket (d = 1 and
+# d % 16 == 0 would otherwise each compile their own variant), which the GPU check's warm-up
+# relies on; nothing in the kernel vectorises along a row stride.
+@triton.jit(do_not_specialize=["d", "stride_an", "stride_bm", "stride_gn"])
 def _pair_sums_kernel(
         a_ptr, b_ptr, ahi_ptr, alo_ptr, bhi_ptr, blo_ptr, a2_ptr, b2_ptr, s_ptr, g_ptr,
         blk_seg_ptr, blk_row_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr,
@@ -207,16 +241,23 @@ def _pair_sums_kernel(
             ab = tl.dot(a_hi, tl.trans(b_lo), acc=ab, input_precision="tf32")
             ab = tl.dot(a_hi, tl.trans(b_hi), acc=ab, input_precision="tf32")
             d2 = norms - 2.0 * ab
-            far = d2 > near * norms  # also > 0: the Gram form is trusted here
-            near_pair = valid & (d2 <= near * norms)
+            # the Gram form is trusted above the threshold (hence d2 > 0 and, by the floor at
+            # the smallest normal, never subnormal: the main loop's plain rsqrt stays finite)
+            thr = tl.maximum(near * norms, MIN_NORMAL)
+            far = d2 > thr
+            near_pair = valid & (d2 <= thr)
             if tl.sum(near_pair.to(tl.int32)) > 0:  # rare beyond d = 4: a runtime branch
                 s_acc += _near_pair_sums(g_ptr, a_ptr, b_ptr, rows, rows64, cols64, row_ok,
                                          col_ok, near_pair, d, stride_ad, stride_bd, stride_gn,
                                          stride_gd, BLOCK_N, BLOCK_M, GRAD).to(tl.float64)
             pos = valid & far
         else:
+            # lifted by 2^24 (exact): no nonzero d2 is subnormal (2^-149 * 2^24 = 2^-125), so
+            # the flushing rsqrt never sees one; w and d2 w are 2^-12 and 2^12 times the true
+            # values, undone once per row below (one multiply per pair: a per-pair guard or a
+            # per-tile branch made this variant spill on sm_90a)
             d2 = _direct_d2(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, d,
-                            stride_ad, stride_bd, BLOCK_N, BLOCK_M)
+                            stride_ad, stride_bd, BLOCK_N, BLOCK_M) * _DIRECT_LIFT
             pos = valid & (d2 > 0.0)
         # one MUFU rsqrt gives both 1/|a - b| and |a - b| = d2 w; rsqrt(1) off the support keeps
         # inf out of the interpreter (no cost on the GPU beyond one select)
@@ -234,6 +275,9 @@ def _pair_sums_kernel(
                 g_acc += _direct_unit_sums(a_ptr, b_ptr, rows64, cols64, row_ok, col_ok, w, d,
                                            stride_ad, stride_bd, BLOCK_N, BLOCK_D)
 
+    if not GRAM:
+        s_acc = s_acc * _DIRECT_UNLIFT
+        g_acc = g_acc * _DIRECT_REGAIN
     tl.store(s_ptr + rows, s_acc, mask=row_ok)
     if GRAD:
         d_ok = offs_d < d
@@ -244,6 +288,9 @@ def _pair_sums_kernel(
             a_tile = tl.load(a_ptr + rows64[:, None] + offs_d[None, :] * stride_ad,
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             g_acc += a_tile * w_acc[:, None]
+            # the near-pair adds into these rows came from other threads of this program: the
+            # barrier orders them before this add, so the sum's order (and bits) never vary
+            tl.debug_barrier()
             tl.atomic_add(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         else:
             tl.store(g_ptrs, g_acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -285,8 +332,10 @@ def _plain_table(n: int, m: int, block_n: int, device: str):
     dev = torch.device(device)
     rows = torch.arange(0, n, block_n, dtype=torch.int32, device=dev)
     seg = torch.zeros_like(rows)
-    bounds = torch.tensor([n, 0, m], dtype=torch.int32, device=dev)
-    return seg, rows, bounds[0:1], bounds[1:2], bounds[2:3]
+    # three allocations, not slices of one: every table pointer is then 16-byte aligned, as in
+    # the segmented launches, so both share one compiled kernel
+    row_hi, col_lo, col_hi = (torch.tensor([v], dtype=torch.int32, device=dev) for v in (n, 0, m))
+    return seg, rows, row_hi, col_lo, col_hi
 
 
 def _segment_table(row_lo, row_hi, block_n):
@@ -337,12 +386,13 @@ def _launch(a, b, grad, seg, rows, row_hi, col_lo, col_hi, zero_init):
         a_hi = a_lo = a2 = a
         b_hi = b_lo = b2 = b
     if len(rows) > 0:
-        _pair_sums_kernel[(len(rows),)](
-            a, b, a_hi, a_lo, b_hi, b_lo, a2, b2, s, g if grad else s, seg, rows, row_hi, col_lo,
-            col_hi, d,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            g.stride(0) if grad else 0, g.stride(1) if grad else 0,
-            NEAR, GRAD=grad, num_warps=num_warps, num_stages=num_stages, **cfg)
+        with device_guard(a):  # Triton launches on the current device: make it a's
+            _pair_sums_kernel[(len(rows),)](
+                a, b, a_hi, a_lo, b_hi, b_lo, a2, b2, s, g if grad else s, seg, rows, row_hi,
+                col_lo, col_hi, d,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                g.stride(0) if grad else 0, g.stride(1) if grad else 0,
+                NEAR, GRAD=grad, num_warps=num_warps, num_stages=num_stages, **cfg)
     return s, g
 
 

@@ -26,16 +26,16 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mlp_sweeps import (block_constexprs, dot_precision, down_sweep, launch_config, mlp_layout,
-                         pack_params,
-                         stage_rows, tangent_sweep, tile, unpack_grads, up_sweep,
-                         zeros_like_packed)
+from .mlp_sweeps import (BATCH_ARGS, block_constexprs, device_guard, dot_precision, down_sweep,
+                         grad_buffers, launch_config, mlp_layout, pack_params, program_grads,
+                         reduce_grads, stage_rows, tangent_sweep, tile, unit_feature_stride,
+                         unpack_grads, up_sweep)
 
 __all__ = ["PotentialAndGrad", "potential_and_grad"]
 
 
 # ------------------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS[:3])
 def _potential_grad_fwd_kernel(
         x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, u_ptr, p_ptr, ws_ptr,
         N, D, block_start,
@@ -68,21 +68,24 @@ def _potential_grad_fwd_kernel(
                  mask=row_ok[:, None] & (rd[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS)
 def _potential_grad_bwd_kernel(
         x_ptr, t_ptr, ubar_ptr, pbar_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
         gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr, xbar_ptr, tbar_ptr, ws_ptr,
         N, D, block_start,
-        stride_xn, stride_xd, stride_tn, stride_pbn, stride_pbd,
+        stride_xn, stride_xd, stride_tn, stride_pbn, stride_pbd, grad_pstride,
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
-        ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_PBAR: tl.constexpr):
+        ACT: tl.constexpr, PRECISION: tl.constexpr, HAS_PBAR: tl.constexpr,
+        DETERMINISTIC: tl.constexpr):
     # workspace slots: a_k (0..L-1), g_k (L..2L-1), adot_k (2L..3L-1), zbar ping-pong (3L, 3L+1),
     # abar (3L+2), [x, t] (3L+3), [pbar, 0] (3L+4), the input adjoint (3L+5)
     L = N_HIDDEN
     Z = 3 * L + 3
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 6) * BLOCK_M * SLOT_W)
+    gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr = program_grads(gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr,
+                                                              gc_ptr, grad_pstride, DETERMINISTIC)
     blk = block_start + pid  # one row block per program; the launcher loops over chunks
     rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -124,50 +127,53 @@ def potential_grad_forward(packed, layout, x, t):
     p = torch.empty(n, layout.dim, dtype=torch.float32, device=x.device)
     if n == 0:
         return u, p
-    block_m, chunks, warps, ws = launch_config(n, layout, layout.n_hidden + 5, x.device)
-    for start, programs in chunks:
-        _potential_grad_fwd_kernel[(programs,)](
-            x, t, *packed, u, p, ws, n, layout.dim, start,
-            x.stride(0), x.stride(1), t.stride(0), p.stride(0), p.stride(1),
-            **block_constexprs(block_m, layout), PRECISION=dot_precision(), num_warps=warps,
-            num_stages=1)
+    block_m, chunks, options, ws = launch_config(n, layout, layout.n_hidden + 5, x.device)
+    with device_guard(x):
+        for start, programs in chunks:
+            _potential_grad_fwd_kernel[(programs,)](
+                x, t, *packed, u, p, ws, n, layout.dim, start,
+                x.stride(0), x.stride(1), t.stride(0), p.stride(0), p.stride(1),
+                **block_constexprs(block_m, layout), PRECISION=dot_precision(), **options)
     return u, p
 
 
-def potential_grad_backward(packed, layout, x, t, ubar, pbar):
+def potential_grad_backward(packed, layout, x, t, ubar, pbar, deterministic=False):
     """Launch the backward kernel: -> (packed parameter gradients, xbar (N, d), tbar (N, 1))."""
     n = x.shape[0]
-    grads = zeros_like_packed(packed)
     xbar = torch.zeros(n, layout.dim, dtype=torch.float32, device=x.device)
     tbar = torch.zeros(n, 1, dtype=torch.float32, device=x.device)
     if n == 0:
-        return grads, xbar, tbar
+        return grad_buffers(packed, 1, False)[0], xbar, tbar
     ubar = torch.zeros(n, dtype=torch.float32, device=x.device) if ubar is None else ubar.float()
     has_pbar = pbar is not None
     pbar = x if pbar is None else pbar.float()  # x: an unread placeholder pointer
-    block_m, chunks, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 6, x.device)
-    for start, programs in chunks:
-        _potential_grad_bwd_kernel[(programs,)](
-            x, t, ubar.contiguous(), pbar, *packed, *grads, xbar, tbar, ws, n, layout.dim, start,
-            x.stride(0), x.stride(1), t.stride(0), pbar.stride(0), pbar.stride(1),
-            **block_constexprs(block_m, layout, backward=True), PRECISION=dot_precision(),
-            HAS_PBAR=has_pbar,
-            num_warps=warps, num_stages=1)
-    return grads, xbar, tbar
+    block_m, chunks, options, ws = launch_config(n, layout, 3 * layout.n_hidden + 6, x.device)
+    grads, flat, pstride = grad_buffers(packed, chunks[0][1], deterministic)
+    with device_guard(x):
+        for start, programs in chunks:
+            _potential_grad_bwd_kernel[(programs,)](
+                x, t, ubar.contiguous(), pbar, *packed, *grads, xbar, tbar, ws, n, layout.dim,
+                start, x.stride(0), x.stride(1), t.stride(0), pbar.stride(0), pbar.stride(1),
+                pstride, **block_constexprs(block_m, layout, backward=True),
+                PRECISION=dot_precision(), HAS_PBAR=has_pbar,
+                DETERMINISTIC=deterministic, **options)
+    return reduce_grads(packed, flat), xbar, tbar
 
 
 # ------------------------------------------------------------------------ autograd wrapper
 class PotentialAndGrad(torch.autograd.Function):
-    """(act, x (N, d), t (N, 1), *params) -> u (N,), grad_x u (N, d), with the analytic backward
-    of any scalar loss of (u, grad_x u) with respect to x, t and every parameter."""
+    """(act, deterministic, x (N, d), t (N, 1), *params) -> u (N,), grad_x u (N, d), with the
+    analytic backward of any scalar loss of (u, grad_x u) with respect to x, t and every
+    parameter."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, act, x, t, *params):
+    def forward(ctx, act, deterministic, x, t, *params):
         layout = mlp_layout(params, act, x, t)
+        x = unit_feature_stride(x)
         packed = pack_params(params, layout)
         u, p = potential_grad_forward(packed, layout, x, t)
-        ctx.layout = layout
+        ctx.layout, ctx.deterministic = layout, deterministic
         ctx.save_for_backward(x, t, *packed)
         ctx.set_materialize_grads(False)
         return u, p
@@ -179,18 +185,22 @@ class PotentialAndGrad(torch.autograd.Function):
         x, t, *packed = ctx.saved_tensors
         n_params = 2 * (ctx.layout.n_hidden + 1)
         if ubar is None and pbar is None:
-            return (None,) * (3 + n_params)
-        grads, xbar, tbar = potential_grad_backward(packed, ctx.layout, x, t, ubar, pbar)
+            return (None,) * (4 + n_params)
+        grads, xbar, tbar = potential_grad_backward(packed, ctx.layout, x, t, ubar, pbar,
+                                                    ctx.deterministic)
         param_grads = unpack_grads(grads, ctx.layout)
         need = ctx.needs_input_grad
-        return (None, xbar if need[1] else None, tbar if need[2] else None,
-                *(g if need[3 + i] else None for i, g in enumerate(param_grads)))
+        return (None, None, xbar if need[2] else None, tbar if need[3] else None,
+                *(g if need[4 + i] else None for i, g in enumerate(param_grads)))
 
 
-def potential_and_grad(params, act, x, t):
+def potential_and_grad(params, act, x, t, deterministic: bool = False):
     """(u, grad_x u) from the fused Triton kernels: x (N, d), t (N, 1) -> (N,), (N, d).
 
     Differentiable in params, x and t through the analytic backward kernel. fp32 only; raises
     ValueError naming backend "torch" for models or inputs the kernels do not support.
+    deterministic: reduce the weight gradients through per-program copies in a fixed order
+    (bitwise-identical run to run, one gradient copy per resident program of memory) instead
+    of atomic adds into one buffer (the default: faster, last bits vary between runs).
     """
-    return PotentialAndGrad.apply(act, x, t, *params)
+    return PotentialAndGrad.apply(act, bool(deterministic), x, t, *params)

@@ -20,8 +20,9 @@ Fusion plan:
               in registers, up sweep at (x0, 0); writes only r. Saved: x, t, packed parameters.
     backward  one launch: recomputes the forward (keeping a_k, g_k at (x, t) in the workspace),
               first-order down sweep at (x0, 0) with ubar = -rbar (weight gradients + p0), the
-              tangent sweep from pbar, the second-order down sweep at (x, t); fp32 atomics
-              reduce the parameter gradients across programs. Nothing (N, width) is stored.
+              tangent sweep from pbar, the second-order down sweep at (x, t); relaxed fp32
+              atomics reduce the parameter gradients across programs (or into per-program
+              copies: deterministic mode, see mlp_sweeps). Nothing (N, width) is stored.
 COST (constexpr) is 0 for Quadratic, 1 for Power (runtime q*); other costs are refused.
 """
 from __future__ import annotations
@@ -31,9 +32,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mlp_sweeps import (POWER, QUADRATIC, _fallback, block_constexprs, dot_precision,
-                         down_sweep, launch_config, mlp_layout, pack_params, stage_rows,
-                         tangent_sweep, tile, unpack_grads, up_sweep, zeros_like_packed)
+from .mlp_sweeps import (BATCH_ARGS, POWER, QUADRATIC, _fallback, block_constexprs, device_guard,
+                         dot_precision, down_sweep, grad_buffers, launch_config, mlp_layout,
+                         pack_params, program_grads, reduce_grads, stage_rows, tangent_sweep,
+                         tile, unit_feature_stride, unpack_grads, up_sweep)
 
 __all__ = ["CharacteristicResidual", "characteristic_residual", "cost_code"]
 
@@ -80,7 +82,7 @@ def _stage_foot(ws, Z, P, X0, D, t, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.co
     tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS[:3])
 def _residual_fwd_kernel(
         x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, r_ptr, ws_ptr,
         N, D, block_start,
@@ -114,16 +116,17 @@ def _residual_fwd_kernel(
     tl.store(r_ptr + rows, u1 - t * lag - u0, mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_ARGS)
 def _residual_bwd_kernel(
         x_ptr, t_ptr, rbar_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
         gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr, xbar_ptr, tbar_ptr, ws_ptr,
         N, D, block_start,
-        stride_xn, stride_xd, stride_tn,
+        stride_xn, stride_xd, stride_tn, grad_pstride,
         q_star,
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
-        ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr):
+        ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr,
+        DETERMINISTIC: tl.constexpr):
     # workspace slots: a_k at (x, t) (0..L-1), g_k at (x, t) (L..2L-1), a_k at (x0, 0) and then
     # adot_k at (x, t) (2L..3L-1), zbar ping-pong (3L, 3L+1), abar (3L+2), and per-row input
     # tiles: [x, t] (Z = 3L+3), [p, du/dt] then the input adjoint at (x, t) (Z+1), [x0, 0] (Z+2),
@@ -132,6 +135,8 @@ def _residual_bwd_kernel(
     Z = 3 * L + 3
     pid = tl.program_id(0)
     ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 8) * BLOCK_M * SLOT_W)
+    gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr = program_grads(gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr,
+                                                              gc_ptr, grad_pstride, DETERMINISTIC)
     blk = block_start + pid  # one row block per program; the launcher loops over chunks
     rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -215,48 +220,51 @@ def residual_forward(packed, layout, cost, x, t):
     r = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return r
-    block_m, chunks, warps, ws = launch_config(n, layout, layout.n_hidden + 6, x.device)
-    for start, programs in chunks:
-        _residual_fwd_kernel[(programs,)](
-            x, t, *packed, r, ws, n, layout.dim, start,
-            x.stride(0), x.stride(1), t.stride(0), q_star,
-            **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
-            num_warps=warps, num_stages=1)
+    block_m, chunks, options, ws = launch_config(n, layout, layout.n_hidden + 6, x.device)
+    with device_guard(x):
+        for start, programs in chunks:
+            _residual_fwd_kernel[(programs,)](
+                x, t, *packed, r, ws, n, layout.dim, start,
+                x.stride(0), x.stride(1), t.stride(0), q_star,
+                **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
+                **options)
     return r
 
 
-def residual_backward(packed, layout, cost, x, t, rbar):
+def residual_backward(packed, layout, cost, x, t, rbar, deterministic=False):
     """Launch the backward kernel: -> (packed parameter gradients, xbar (N, d), tbar (N, 1))."""
     code, q_star = cost
     n = x.shape[0]
-    grads = zeros_like_packed(packed)
     xbar = torch.zeros(n, layout.dim, dtype=torch.float32, device=x.device)
     tbar = torch.zeros(n, 1, dtype=torch.float32, device=x.device)
     if n == 0:
-        return grads, xbar, tbar
-    block_m, chunks, warps, ws = launch_config(n, layout, 3 * layout.n_hidden + 8, x.device)
-    for start, programs in chunks:
-        _residual_bwd_kernel[(programs,)](
-            x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n, layout.dim,
-            start, x.stride(0), x.stride(1), t.stride(0), q_star,
-            **block_constexprs(block_m, layout, backward=True), COST=code,
-            PRECISION=dot_precision(), num_warps=warps, num_stages=1)
-    return grads, xbar, tbar
+        return grad_buffers(packed, 1, False)[0], xbar, tbar
+    block_m, chunks, options, ws = launch_config(n, layout, 3 * layout.n_hidden + 8, x.device)
+    grads, flat, pstride = grad_buffers(packed, chunks[0][1], deterministic)
+    with device_guard(x):
+        for start, programs in chunks:
+            _residual_bwd_kernel[(programs,)](
+                x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n,
+                layout.dim, start, x.stride(0), x.stride(1), t.stride(0), pstride, q_star,
+                **block_constexprs(block_m, layout, backward=True), COST=code,
+                PRECISION=dot_precision(), DETERMINISTIC=deterministic, **options)
+    return reduce_grads(packed, flat), xbar, tbar
 
 
 # ------------------------------------------------------------------------ autograd wrapper
 class CharacteristicResidual(torch.autograd.Function):
-    """(act, cost, x (N, d), t (N, 1), *params) -> r (N,) with an analytic backward to x, t and
-    every parameter (no autograd.grad(create_graph=True))."""
+    """(act, cost, deterministic, x (N, d), t (N, 1), *params) -> r (N,) with an analytic
+    backward to x, t and every parameter (no autograd.grad(create_graph=True))."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, act, cost, x, t, *params):
+    def forward(ctx, act, cost, deterministic, x, t, *params):
         code = cost_code(cost)
         layout = mlp_layout(params, act, x, t)
+        x = unit_feature_stride(x)
         packed = pack_params(params, layout)
         r = residual_forward(packed, layout, code, x, t)
-        ctx.layout, ctx.cost = layout, code
+        ctx.layout, ctx.cost, ctx.deterministic = layout, code, deterministic
         ctx.save_for_backward(x, t, *packed)
         ctx.set_materialize_grads(False)
         return r
@@ -268,19 +276,21 @@ class CharacteristicResidual(torch.autograd.Function):
         x, t, *packed = ctx.saved_tensors
         n_params = 2 * (ctx.layout.n_hidden + 1)
         if rbar is None:
-            return (None,) * (4 + n_params)
-        grads, xbar, tbar = residual_backward(packed, ctx.layout, ctx.cost, x, t, rbar)
+            return (None,) * (5 + n_params)
+        grads, xbar, tbar = residual_backward(packed, ctx.layout, ctx.cost, x, t, rbar,
+                                              ctx.deterministic)
         param_grads = unpack_grads(grads, ctx.layout)
         need = ctx.needs_input_grad
-        return (None, None, xbar if need[2] else None, tbar if need[3] else None,
-                *(g if need[4 + i] else None for i, g in enumerate(param_grads)))
+        return (None, None, None, xbar if need[3] else None, tbar if need[4] else None,
+                *(g if need[5 + i] else None for i, g in enumerate(param_grads)))
 
 
-def characteristic_residual(params, act, cost, x, t):
+def characteristic_residual(params, act, cost, x, t, deterministic: bool = False):
     """r(x, t) = u(x, t) - t (p . grad h(p) - h(p)) - u(x - t grad h(p), 0) from the fused
     kernels: x (N, d), t (N, 1) -> (N,), differentiable in params, x and t.
 
     cost: ncf_fast.costs.Quadratic or Power (exactly those classes; a custom Cost raises
-    ValueError naming backend "torch").
+    ValueError naming backend "torch"). deterministic: bitwise-reproducible weight gradients
+    (see :func:`ncf_fast.kernels.mlp_potential.potential_and_grad`).
     """
-    return CharacteristicResidual.apply(act, cost, x, t, *params)
+    return CharacteristicResidual.apply(act, cost, bool(deterministic), x, t, *params)

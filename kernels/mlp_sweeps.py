@@ -21,11 +21,27 @@ registers whole: every GEMM streams (BLOCK_H, BLOCK_H) weight tiles and BLOCK_H-
 tiles of the per-row vectors (a_k, adot_k, g_k, zbar_k, abar_k, [x, t], ...) through a
 per-program workspace of (slots, BLOCK_M, max(H_PAD, D_PAD)) fp32 tiles, which is what lets
 256-wide layers (one fp32 weight matrix = 256 KB > 227 KB of shared memory) compile. One
-program handles one 64-row block; a launch has at most 2 programs per SM and the launcher loops
-over launches, so the workspace is sized by the GPU, not by N: no (N, width) tensor is written
-to global memory, and the workspace mostly stays in L2. Tiles are written in one register
-layout and read back in another, so a tl.debug_barrier() (bar.sync) separates every producer
-phase from its consumers. Weight gradients are reduced across programs with fp32 atomic adds.
+program handles one 64-row block; a launch has at most PROGRAMS_PER_SM (3) programs per SM and
+the launcher loops over launches, so the workspace is sized by the GPU, not by N: no
+(N, width) tensor is written to global memory. The workspace itself (110-441 MB on an H100,
+launch_config has the arithmetic) is far larger than L2: it lives in HBM. Tiles are written in
+one register layout and read back in another, so a tl.debug_barrier() (bar.sync) separates
+every producer phase from its consumers.
+
+Weight gradients. Every program adds its row block's contribution to every weight and bias
+with relaxed fp32 atomic adds (red.global.add, no acquire/release fence: nothing reads the
+gradients until the launch ends), visiting a layer's (64, BLOCK_H) tiles in an order rotated by
+its program id, so that the ~3 programs per SM x 132 SMs of a launch start on different tiles
+(64 tiles per layer at width 256) instead of queueing on the same L2 lines. Per-program
+partial gradients reduced afterwards would avoid the contention altogether but cost one
+gradient copy per resident program (396 x 660 KB = 261 MB at width 256, d = 64) and a
+reduction pass; with the rotation the atomics' traffic (one add per weight per row block and
+accumulating sweep: ~340 M adds for d = 64, width 256, 65,536 rows in the residual backward)
+spreads over the L2 slices, so the shared buffer is the default. Atomics make the summation
+order, hence the last bits, vary between runs; ``deterministic=True`` points every program at
+its own copy (grad_buffers: stride grad_pstride), where its adds land in program order, and
+reduces the copies in a fixed order (reduce_grads): bitwise-identical gradients run to run,
+for that memory.
 
 Register budget (sm_90a has 255 per thread; tests/test_sm90_compile.py checks every kernel):
   * workspace and weight offsets are int64 tiles: with int32 offsets every 128-bit vector of a
@@ -49,6 +65,7 @@ opt-in fast mode (one product, ~1e-3 relative error, see :func:`set_dot_precisio
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -57,7 +74,9 @@ import triton
 import triton.language as tl
 
 __all__ = ["ACTIVATION_CODES", "MLPLayout", "mlp_layout", "pack_params", "unpack_grads",
-           "launch_config", "set_dot_precision", "dot_precision", "MAX_WIDTH", "MAX_INPUT"]
+           "launch_config", "grad_buffers", "reduce_grads", "device_guard",
+           "unit_feature_stride", "set_dot_precision", "dot_precision", "MAX_WIDTH", "MAX_INPUT",
+           "PROGRAMS_PER_SM", "THREE_PER_SM_REGISTERS", "LAUNCH_OPTIONS", "BATCH_ARGS"]
 
 ACTIVATION_CODES = {"softplus": 0, "tanh": 1, "silu": 2}
 QUADRATIC, POWER = 0, 1
@@ -73,6 +92,13 @@ WGRAD_ROWS = tl.constexpr(32)
 MAX_WIDTH = 512
 # d + 1 <= 128: [x, t] is one (BLOCK_M, D_PAD) register tile; 256 would spill.
 MAX_INPUT = 128
+
+# Integer kernel arguments whose value can change with the batch: @triton.jit(do_not_specialize=
+# ...) so that Triton does not compile a kernel per value class (== 1, divisible by 16), which
+# made a batch above 16,896 rows compile each kernel twice. (grad_pstride is fixed per model and
+# padded to a multiple of 16, so its specialisation is kept: it makes the deterministic mode's
+# gradient adds 128-bit vector atomics.)
+BATCH_ARGS = ("N", "block_start", "stride_tn")
 
 _PRECISIONS = ("tf32x3", "tf32")
 _precision = os.environ.get("NCF_FAST_DOT_PRECISION", "tf32x3")
@@ -148,6 +174,23 @@ def _weight_tile(w_ptr, r0, c0, LD: tl.constexpr, ROWS: tl.constexpr, COLS: tl.c
     else:
         offs = tl.arange(0, ROWS).to(tl.int64)[:, None] * LD + tl.arange(0, COLS)[None, :]
     return (w_ptr + (r0 * LD + c0)) + offs
+
+
+@triton.jit
+def program_grads(gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr, grad_pstride,
+                  DETERMINISTIC: tl.constexpr):
+    """This program's gradient buffers: the shared ones, or with DETERMINISTIC its own copy,
+    copy pid of a (programs, grad_pstride) buffer (see grad_buffers). A constexpr, not just a
+    zero stride: five pointers computed at run time instead of read from the kernel parameters
+    cost the shared-buffer kernels ~60 registers (residual_bwd: 168 -> 230 on sm_90a)."""
+    if DETERMINISTIC:
+        off = tl.program_id(0).to(tl.int64) * grad_pstride
+        gw1_ptr += off
+        gwh_ptr += off
+        gb_ptr += off
+        gwo_ptr += off
+        gc_ptr += off
+    return gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr
 
 
 @triton.jit
@@ -257,7 +300,7 @@ def _adjoint_preactivation(ws, k, zb_slot, gb_ptr, A0, G0, T0, AB, ZS, ZDS,
                 tl.store(zb_ptrs, g * d1)
         tl.store(tile(ws, AB, n0, BLOCK_M, BLOCK_H, SLOT_W), abar)
         if ACCUM:
-            tl.atomic_add(gb_ptr + k * H_PAD + n0 + rh, tl.sum(abar, axis=0))
+            tl.atomic_add(gb_ptr + k * H_PAD + n0 + rh, tl.sum(abar, axis=0), sem="relaxed")
     if ACCUM and STAGE_IN:  # a loop of its own: one activation's temporaries live at a time
         for n0 in range(0, H_PAD, BLOCK_H):
             z, e1, _ = _activation(tl.load(tile(ws, A0 + k - 1, n0, BLOCK_M, BLOCK_H, SLOT_W)),
@@ -297,7 +340,25 @@ def _weight_grad_tile(ws, AB, DELTA, ZIN, ZDIN, i0, j0, gw_ptr, LD: tl.constexpr
             zdot = tl.load(_row_tile(ws, ZDIN, m0, j0, WGRAD_ROWS, WIDTH, BLOCK_M, SLOT_W))
             acc += tl.dot(tl.trans(delta), zdot, input_precision=PRECISION)
     tl.atomic_add(_weight_tile(gw_ptr, i0, j0, LD, WGRAD_COLS, WIDTH, False), acc,
-                  mask=i_ok[:, None])
+                  mask=i_ok[:, None], sem="relaxed")
+
+
+@triton.jit
+def _weight_grads(ws, AB, DELTA, ZIN, ZDIN, gw_ptr, LD: tl.constexpr, IN_PAD: tl.constexpr,
+                  BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, H_PAD: tl.constexpr,
+                  SLOT_W: tl.constexpr, PRECISION: tl.constexpr, SECOND: tl.constexpr):
+    """Every (WGRAD_COLS, WIDTH) tile of one layer's weight gradient gw (H_PAD, IN_PAD), in an
+    order rotated by the program id: concurrent programs start on different tiles, so their
+    atomic adds spread over the layer's tiles instead of queueing on the same L2 lines."""
+    n_j: tl.constexpr = IN_PAD // WIDTH
+    n_tiles: tl.constexpr = ((H_PAD + WGRAD_COLS - 1) // WGRAD_COLS) * n_j
+    first = tl.program_id(0) % n_tiles
+    for step in range(0, n_tiles):
+        idx = first + step
+        idx = tl.where(idx >= n_tiles, idx - n_tiles, idx)
+        _weight_grad_tile(ws, AB, DELTA, ZIN, ZDIN, (idx // n_j) * WGRAD_COLS,
+                          (idx % n_j) * WIDTH, gw_ptr, LD, BLOCK_M, WIDTH, H_PAD, SLOT_W,
+                          PRECISION, SECOND)
 
 
 @triton.jit
@@ -334,9 +395,9 @@ def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
             if SECOND:
                 gwo += tl.sum(d1 * tl.load(tile(ws, T0 + top, n0, BLOCK_M, BLOCK_H, SLOT_W)),
                               axis=0)
-            tl.atomic_add(gwo_ptr + n0 + rh, gwo)
+            tl.atomic_add(gwo_ptr + n0 + rh, gwo, sem="relaxed")
     if ACCUM:
-        tl.atomic_add(gc_ptr, tl.sum(ubar, axis=0))
+        tl.atomic_add(gc_ptr, tl.sum(ubar, axis=0), sem="relaxed")
     tl.debug_barrier()
     # hidden-to-hidden layers k = L-1 .. 1
     for kk in range(0, N_HIDDEN - 1):
@@ -351,10 +412,8 @@ def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
         w_k = wh_ptr + (k - 1) * (H_PAD * H_PAD)
         if ACCUM:  # dW_k += abar_k^T z_{k-1} [+ delta_k^T zdot_{k-1}]
             gw_k = gwh_ptr + (k - 1) * (H_PAD * H_PAD)
-            for i0 in range(0, H_PAD, WGRAD_COLS):
-                for j0 in range(0, H_PAD, BLOCK_H):
-                    _weight_grad_tile(ws, AB, zb_k, zs, ZBAR, i0, j0, gw_k, H_PAD, BLOCK_M,
-                                      BLOCK_H, H_PAD, SLOT_W, PRECISION, SECOND)
+            _weight_grads(ws, AB, zb_k, zs, ZBAR, gw_k, H_PAD, H_PAD, BLOCK_M, BLOCK_H,
+                          H_PAD, SLOT_W, PRECISION, SECOND)
             tl.debug_barrier()  # zs is overwritten by zbar_{k-1} below
         # zbar_{k-1} = abar_k W_k
         for j0 in range(0, H_PAD, BLOCK_H):
@@ -371,10 +430,8 @@ def down_sweep(ubar, ws, Z, ZD, ZBAR, A0, G0, T0, ZB0, AB,
                            BLOCK_M, BLOCK_H, H_PAD, SLOT_W, ACT, SECOND, ACCUM, False)
     tl.debug_barrier()
     if ACCUM:
-        for i0 in range(0, H_PAD, WGRAD_COLS):
-            for d0 in range(0, D_PAD, BLOCK_D):
-                _weight_grad_tile(ws, AB, zb_0, Z, ZD, i0, d0, gw1_ptr, D_PAD, BLOCK_M,
-                                  BLOCK_D, H_PAD, SLOT_W, PRECISION, SECOND)
+        _weight_grads(ws, AB, zb_0, Z, ZD, gw1_ptr, D_PAD, D_PAD, BLOCK_M, BLOCK_D, H_PAD,
+                      SLOT_W, PRECISION, SECOND)
     for d0 in range(0, D_PAD, BLOCK_D):
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for i0 in range(0, H_PAD, BLOCK_H):
@@ -508,37 +565,108 @@ def block_constexprs(block_m: int, layout: MLPLayout, backward: bool = False) ->
                 N_HIDDEN=layout.n_hidden, ACT=layout.act)
 
 
-def zeros_like_packed(packed):
-    return tuple(torch.zeros_like(p) for p in packed)
+def grad_buffers(packed, programs: int, deterministic: bool):
+    """Zeroed fp32 gradient buffers shaped like ``packed`` -> (views, flat, per-program stride).
+
+    Shared (default): one buffer every program adds into (stride 0). Deterministic: one private
+    copy per program of a launch (stride = the packed size), reduced by :func:`reduce_grads`.
+    """
+    sizes = [p.numel() for p in packed]
+    total = -(-sum(sizes) // 16) * 16  # copies start 64-byte aligned (every size but c's is
+    copies = programs if deterministic else 1  # a multiple of 16 too)
+    flat = torch.zeros(copies, total, dtype=torch.float32, device=packed[0].device)
+    return _views(flat[0], packed, sizes), flat, total if deterministic else 0
+
+
+def _views(row, packed, sizes):
+    return tuple(v.view(p.shape) for v, p in zip(torch.split(row[:sum(sizes)], sizes), packed))
+
+
+def reduce_grads(packed, flat):
+    """The packed gradients from the buffers of :func:`grad_buffers`: copy 0 when shared, else
+    the sum over the programs' copies. torch.sum over dim 0 reduces in an order fixed by the
+    shape (no atomics), so the deterministic mode gives bitwise-identical results run to run."""
+    row = flat[0] if flat.shape[0] == 1 else flat.sum(0)
+    return _views(row, packed, [p.numel() for p in packed])
+
+
+def unit_feature_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with stride(1) == 1 (a copy only for column-strided views such as a transpose): the
+    kernels then specialise the feature stride to 1, and no batch-sized stride reaches them."""
+    if x.stride(1) == 1:
+        return x
+    if x.shape[1] == 1:  # contiguous() keeps the stride of a size-1 dimension: set it
+        return x.as_strided(x.shape, (x.stride(0), 1))
+    return x.contiguous()
+
+
+def device_guard(x: torch.Tensor):
+    """Launch inside x's CUDA device (Triton launches on the current device: without this a
+    cuda:1 tensor would be read by a kernel running on device 0); a no-op on CPU."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 _SM_COUNT: dict = {}
 
+# Row blocks per streaming multiprocessor per launch: 3 programs of 4 warps at <= 168 registers
+# per thread fit one SM's 64 K registers (3 x 128 x 168 = 64,512). The sm_90a check
+# (tests/test_sm90_compile.py) reports 103-168 registers for every configuration but one
+# (residual backward with tanh and the power cost: 170, so 2 fit and the scheduler starts
+# the third as one ends). Capping with maxnreg=168 was tried: it made ptxas spill (the
+# width-256 tf32 residual backward: 142 registers uncapped, 12 bytes of spills capped).
+PROGRAMS_PER_SM = 3
+THREE_PER_SM_REGISTERS = 168
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
+# the grid under the interpreter: 2 programs per launch still exercises several launches
+# sharing one workspace (and several per-program gradient copies)
+_INTERPRETER_PROGRAMS = 2
+
 
 def launch_config(n_rows: int, layout: MLPLayout, n_slots: int, device: torch.device):
-    """(BLOCK_M, chunks, num_warps, workspace) for one kernel call; ``n_slots`` is the kernel's
-    count of (BLOCK_M, slot_w) workspace tiles per program, ``chunks`` the launches as
-    (first row block, number of programs) pairs.
+    """(BLOCK_M, chunks, launch options, workspace) for one kernel call; ``n_slots`` is the
+    kernel's count of (BLOCK_M, slot_w) workspace tiles per program, ``chunks`` the launches as
+    (first row block, number of programs) pairs, the options LAUNCH_OPTIONS.
 
     BLOCK_M = 64: the M of one Hopper warpgroup MMA (wgmma m64nNk8) and >= 16 as the K of the
-    weight-gradient dots. Each program handles one row block; a launch has at most 2 programs
-    per SM (so at most that many workspaces are live) and the launcher loops over launches.
-    That loop replaces a persistent in-kernel loop, across which the compiler hoisted every
-    workspace pointer tile and spilled. Under the interpreter 2 programs per launch, which
-    still exercises several launches sharing one workspace. No autotuning: the backward
-    kernels accumulate into their outputs with atomics, which autotune's repeated launches
-    would double-count.
+    weight-gradient dots; one 4-warp program (one warpgroup) per row block. Each launch runs up
+    to PROGRAMS_PER_SM x SMs programs, i.e. whole waves that are resident at once (registers
+    allow 3 programs per SM; shared memory, 8-12 KB each, is no limit), and the launcher loops
+    over launches, the last one taking the remainder. That loop replaces a persistent in-kernel
+    loop, across which the compiler hoisted every workspace pointer tile and spilled. On an
+    H100/H200 (132 SMs, so 396 programs per launch):
+
+        rows      row blocks   launches x programs        programs per SM (waves)
+        512            8       1 x 8                      0.06  (GPU idle: use large batches)
+        8192         128       1 x 128                    0.97  (4 warps per SM)
+        16384        256       1 x 256                    1.94
+        32768        512       396 + 116                  3 + 0.9
+        65536       1024       396 + 396 + 232            3 + 3 + 1.8 = 8 program-times per
+                                                          SM, = ceil(1024 / 132): no wave lost
+
+    A row block cannot be split across programs (the layers are sequential), so batches below
+    ~8192 rows leave SMs idle whatever the launch plan: the GPU path is for large batches.
+    The workspace is sized by the launch, not by N: programs x n_slots x 64 x slot_w x 4 B, e.g.
+    the residual backward (3L + 8 slots) at width 256, L = 3: 1.11 MB per program, 441 MB for
+    396 programs; width 128: 220 MB; width 64 (d <= 63): 110 MB. That is far more than the
+    50 MB L2, so the workspace lives in HBM: L2 holds only the tiles a layer phase is working
+    on (396 programs x ~3 slots x 64 x slot_w x 4 B: 19 MB at width 64, 78 MB at 256), and
+    wide networks stream their workspace through HBM: a backward row block at width 256, d = 64
+    moves an estimated ~4 x 1.1 MB (every slot written once, read ~3 times) for ~170 MFLOP of
+    GEMMs, ~38 FLOP per byte, about the H100/H200 balance point in tf32x3 (165 TFLOP/s over
+    3.4-4.3 TB/s: 38-49) and below it in the tf32 fast mode (115-150): not measured.
+    No autotuning: the backward kernels accumulate into their outputs with atomics, which
+    autotune's repeated launches would double-count.
     """
     block_m = 64
     n_blocks = max(1, -(-n_rows // block_m))
     if device.type == "cuda":
         if device not in _SM_COUNT:
             _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        cap = 2 * _SM_COUNT[device]
+        cap = PROGRAMS_PER_SM * _SM_COUNT[device]
     else:
-        cap = 2
+        cap = _INTERPRETER_PROGRAMS
     programs = min(n_blocks, cap)
     workspace = torch.empty(programs * n_slots * block_m * layout.slot_w, dtype=torch.float32,
                             device=device)
     chunks = [(start, min(programs, n_blocks - start)) for start in range(0, n_blocks, programs)]
-    return block_m, chunks, 4, workspace
+    return block_m, chunks, LAUNCH_OPTIONS, workspace

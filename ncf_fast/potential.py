@@ -34,12 +34,13 @@ class PotentialMLP(nn.Module):
             "reference" (autograd), "torch" (fused analytic algorithm in torch ops),
             "triton" (fused GPU kernels), "auto" (the fastest that supports the case:
             :func:`ncf_fast.backends.resolve`, e.g. torch for float64 or d >= 128).
+            (per-program gradient copies reduced in a fixed order) instead of atomic adds.
 
     The state_dict (``layers.k.weight``, ``layers.k.bias``) is the same for every backend.
     """
 
     def __init__(self, dim: int, hidden=(64, 64, 64), activation: str = "softplus",
-                 backend: str = "auto"):
+                 backend: str = "auto", deterministic: bool = False):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -50,6 +51,7 @@ class PotentialMLP(nn.Module):
         self.hidden = hidden
         self.activation = check_activation(activation)
         self.backend = backends.check_name(backend)
+        self.deterministic = bool(deterministic)
         widths = (dim + 1,) + hidden + (1,)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
 
@@ -92,7 +94,8 @@ class PotentialMLP(nn.Module):
                 u, p = fused.potential_and_grad(self.params, self.activation, x, t)
             else:
                 from .kernels import potential_and_grad as triton_potential_and_grad
-                u, p = triton_potential_and_grad(self.params, self.activation, x, t)
+                u, p = triton_potential_and_grad(self.params, self.activation, x, t,
+                                                 deterministic=self.deterministic)
         return (u, p) if create_graph else (u.detach(), p.detach())
 
     def characteristic_residual(self, x: torch.Tensor, t, cost):
@@ -104,4 +107,5 @@ class PotentialMLP(nn.Module):
         if backend == "torch":
             return fused.characteristic_residual(self.params, self.activation, cost, x, t)
         from .kernels import characteristic_residual as triton_residual
-        return triton_residual(self.params, self.activation, cost, x, t)
+        return triton_residual(self.params, self.activation, cost, x, t,
+                               deterministic=self.deterministic)

@@ -324,3 +324,63 @@ def test_torch_path_memory_is_linear_at_50k():
     extra_mb, value, finite = proc.stdout.split()
     assert finite == "True" and float(value) > 0
     assert float(extra_mb) < 100.0, f"{float(extra_mb):.1f} MB above the inputs"
+
+
+# ---------------------------------------------------------------------------------------------
+# subnormal squared distances: the GPU's rsqrt flushes them to zero
+
+@pytest.fixture
+def ftz_rsqrt(monkeypatch):
+    """Make the interpreter's tl.rsqrt behave like the GPU's rsqrt.approx.ftz.f32: a subnormal
+    input is flushed to zero first (so 1/sqrt gives inf)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_rsqrt(self, arg):
+        x = arg.data
+        flushed = np.where(np.abs(x) < np.finfo(x.dtype).tiny, np.zeros_like(x), x)
+        with np.errstate(divide="ignore"):
+            return interpreter.TensorHandle(1 / np.sqrt(flushed), arg.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_rsqrt", create_rsqrt)
+
+
+@triton.jit
+def _rsqrt_probe(x_ptr, y_ptr):
+    import triton.language as tl
+    offs = tl.arange(0, 4)
+    tl.store(y_ptr + offs, tl.rsqrt(tl.load(x_ptr + offs)))
+
+
+def test_ftz_rsqrt_emulation_bites(ftz_rsqrt):
+    """Control: under the emulation a plain tl.rsqrt of a subnormal is inf (as on the GPU)."""
+    x = torch.tensor([1e-40, 4.0, 1e-39, 1.0])
+    y = torch.empty(4)
+    _rsqrt_probe[(1,)](x, y)
+    assert torch.isinf(y[0]) and torch.isinf(y[2]) and y[1] == 0.5 and y[3] == 1.0
+
+
+@pytest.mark.parametrize("d", (2, 17))  # DIRECT and GRAM modes
+def test_near_coincident_points_with_subnormal_squared_distances(d, ftz_rsqrt):
+    """Points 1e-20 to 1e-22 apart near the origin: |a - b|^2 ~ 1e-40..1e-44 is subnormal in
+    fp32. With the GPU's flushing rsqrt emulated, S and both unit-vector sums stay finite and
+    match float64 (S compared in units of 1e-20)."""
+    gen = torch.Generator().manual_seed(d)
+    a = torch.randn(40, d, generator=gen) * 1e-20
+    b = torch.cat([a[:10] + torch.randn(10, d, generator=gen) * 1e-22,
+                   torch.randn(15, d, generator=gen) * 1e-20])
+    s, ga = kernel.pair_sums(a, b, grad=True)
+    _, gb = kernel.pair_sums(b, a, grad=True)
+    assert torch.isfinite(s).all() and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    for x, y, fast_s, fast_g, name in ((a, b, s, ga, "a"), (b, a, None, gb, "b")):
+        x64, y64 = x.double(), y.double()
+        diff64 = x64[:, None] - y64[None]
+        dist64 = diff64.norm(dim=-1)
+        unit64 = (diff64 / torch.where(dist64 > 0, dist64, 1.0)[..., None]).sum(1)
+        diff32 = x[:, None] - y[None]
+        dist32 = diff32.norm(dim=-1)
+        unit32 = (diff32 / torch.where(dist32 > 0, dist32, 1.0)[..., None]).sum(1)
+        if fast_s is not None:
+            assert_close_to_ref(fast_s * 1e20, dist64.sum(1) * 1e20, dist32.double().sum(1) * 1e20,
+                                "S")
+        assert_close_to_ref(fast_g, unit64, unit32, f"G{name}")

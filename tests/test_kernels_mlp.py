@@ -1,8 +1,10 @@
 """Fused MLP kernels (backend "triton") and the torch backend against the float64 reference.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); with CUDA and
-TRITON_INTERPRET=0 (benchmarks/gpu_check.sh) the same tests run the compiled kernels. Grids stay
-small (<= 300 rows, widths <= 80) so the interpreter finishes in a few minutes on 2 cores.
+TRITON_INTERPRET=0 (benchmarks/gpu_check.sh) the same tests run the compiled kernels, the
+parity test on tests/gpu_cases.py's selection (activation x cost x width class, larger N).
+Interpreted grids stay small (<= 300 rows, widths <= 80) so the interpreter finishes in a few
+minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from ncf_fast import costs, fused, reference
+from gpu_cases import DETERMINISTIC_BITWISE, DETERMINISTIC_PARITY, GPU_CASES
 from tolerance import DIMS, ROWS, WIDTHS, assert_close_to_ref
 
 triton = pytest.importorskip("triton")
@@ -101,6 +104,8 @@ for i, d in enumerate(DIMS):
         CASES.append((d, widths, act, cost, n))
 # two row blocks plus a partial one, and hidden widths > one 32-column tile (H_PAD 96)
 CASES.append((3, (80, 72), "softplus", "power1.5", 150))
+if DEVICE == "cuda":  # compiled: activation x cost x width class once each (tests/gpu_cases.py)
+    CASES = GPU_CASES
 
 
 @pytest.mark.parametrize("d,widths,act,cost,n", CASES,
@@ -223,3 +228,91 @@ def test_triton_backend_trains_like_reference():
         # fp32 rounding differences compound through Adam; 20 steps stay within 1e-3 relative
         np.testing.assert_allclose(curves[backend], ref, rtol=1e-3, atol=1e-6,
                                    err_msg=f"{backend} loss curve drifts from the reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic mode: per-program gradient copies reduced in a fixed order
+
+def _deterministic_kernels():
+    import functools
+    pot, res = _kernels()
+    return (functools.partial(pot, deterministic=True), functools.partial(res, deterministic=True))
+
+
+def test_triton_deterministic_mode_matches_float64_reference():
+    """150 rows: three row blocks (one partial) over two launches of two programs under the
+    interpreter, so two gradient copies, one of which sums two blocks; d = 17, widths 40/24.
+    Compiled: a GPU case's shape (tests/gpu_cases.py) at 5000 rows."""
+    d, widths, act, cost, n = ((17, (40, 24), "tanh", "power1.5", 150) if DEVICE == "cpu" else
+                               DETERMINISTIC_PARITY[:4] + (5000,))
+    check_against_reference(_deterministic_kernels(), d, widths, act, COSTS[cost], n, seed=11)
+
+
+def _all_gradients(params, act, cost, x, t, weights, deterministic):
+    pot, res = _kernels()
+    u, p = pot(params, act, x, t, deterministic=deterministic)
+    r = res(params, act, cost, x, t, deterministic=deterministic)
+    return torch.autograd.grad(scalar_loss(u, p, r, weights), params + [x])
+
+
+def test_triton_deterministic_gradients_are_bitwise_equal_run_to_run():
+    """Two runs give identical bits (on a GPU, where the default atomics need not: there the
+    batch spans many programs per launch and several launches)."""
+    d, widths, act, cost, n = ((3, (20, 20), "softplus", "quadratic", 150) if DEVICE == "cpu"
+                               else DETERMINISTIC_BITWISE[:4] + (40_000,))
+    params = make_params(d, widths, 21)
+    x, t = make_inputs(n, d, 21)
+    weights = loss_weights(n, d, 21)
+    cost = COSTS[cost]
+    first = _all_gradients(params, act, cost, x, t, weights, True)
+    second = _all_gradients(params, act, cost, x, t, weights, True)
+    for k, (g1, g2) in enumerate(zip(first, second)):
+        assert torch.equal(g1, g2), f"gradient {k} differs between runs: " \
+            f"max diff {float((g1 - g2).abs().max()):.3e}"
+    # the default (atomic) mode agrees to rounding
+    shared = _all_gradients(params, act, cost, x, t, weights, False)
+    for g1, g2 in zip(first, shared):  # fp32 sums of n rows in another order
+        assert float((g1 - g2).abs().max()) <= 1e-4 * max(float(g1.abs().max()), 1.0)
+
+
+def test_potential_mlp_passes_deterministic_to_the_kernels(monkeypatch):
+    from ncf_fast import PotentialMLP, kernels
+    seen = []
+    real_pot, real_res = kernels.potential_and_grad, kernels.characteristic_residual
+    monkeypatch.setattr(kernels, "potential_and_grad",
+                        lambda *a, **k: seen.append(k) or real_pot(*a, **k))
+    monkeypatch.setattr(kernels, "characteristic_residual",
+                        lambda *a, **k: seen.append(k) or real_res(*a, **k))
+    model = PotentialMLP(2, (16,), backend="triton", deterministic=True).to(DEVICE)
+    x = torch.randn(9, 2, device=DEVICE)
+    model.value_and_grad(x, 0.5)
+    model.characteristic_residual(x, 0.5, costs.Quadratic())
+    assert seen == [{"deterministic": True}] * 2
+
+
+def test_launches_run_in_the_tensors_device_context(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher enters x's device first
+    (cuda:1 tensors on a machine whose current device is 0)."""
+    from ncf_fast.kernels import energy_distance, mlp_potential, mlp_residual, mlp_sweeps
+
+    class FakeCuda:
+        device = torch.device("cuda", 1)
+
+    guard = mlp_sweeps.device_guard(FakeCuda())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    entered = []
+
+    def recording_guard(x):
+        entered.append(x.device)
+        return mlp_sweeps.contextlib.nullcontext()
+
+    for module in (mlp_potential, mlp_residual, energy_distance):
+        monkeypatch.setattr(module, "device_guard", recording_guard)
+    params = make_params(1, (16,), 4)  # a GPU case's configuration: warmed by gpu_check
+    x, t = make_inputs(5, 1, 4)
+    pot, res = _kernels()
+    u, p = pot(params, "silu", x, t)
+    r = res(params, "silu", costs.Quadratic(), x, t)
+    (u.sum() + p.sum() + r.sum()).backward()
+    energy_distance.pair_sums(x.detach(), x.detach() + 1, grad=True)
+    assert len(entered) == 5 and set(entered) == {x.device}

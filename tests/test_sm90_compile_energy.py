@@ -3,9 +3,11 @@
 Same approach as tests/test_sm90_compile.py (the MLP kernels): compile with
 triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)) in a subprocess started without
 TRITON_INTERPRET, run the ptxas inside the triton wheel (-v --gpu-name=sm_90a) on the ptx, and
-assert per configuration: it compiles, 0 spill bytes, metadata.shared <= 227 KB, and the Gram
+assert per configuration: it compiles, 0 spill bytes, metadata.shared <= 227 KB, the Gram
 mode's tl.dot became tensor-core instructions (wgmma or mma) -- the DIRECT mode (d <= 4) has no
-dot and must have none. Configurations: every (d bucket, GRAD) pair the launcher can pick
+dot and must have none -- and no atomic has acquire-release semantics; and that every d of a
+bucket, plain and segmented, shares one JIT specialisation (Triton's own binder).
+Configurations: every (d bucket, GRAD) pair the launcher can pick
 (kernels.energy_distance.all_configs(): DIRECT, GRAM with BLOCK_D 16, 32, 64; value-only
 and with gradient), with the launcher's own block sizes, warps and stages. The segmented and
 plain launches are the same kernel (the block table is a runtime argument).
@@ -95,6 +97,32 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
+def specialisation_counts() -> dict:
+    """Per (d bucket, GRAD): the distinct JIT specialisations (Triton's own binder for sm_90a)
+    over every d of the bucket, N and M from 1 to 1000, plain and segmented launches."""
+    import torch
+
+    from ncf_fast.kernels import energy_distance as ed
+    from sm90 import RecordLaunches, jit_specialization
+
+    keys: dict = {}
+    for d in range(1, ed.MAX_D + 1):
+        cfg = ed.config_for(d)
+        for n, m in ((1, 5), (130, 1000)):
+            a, b = torch.zeros(n, d), torch.zeros(m, d)
+            lo, hi = torch.tensor([0, n // 2]), torch.tensor([n // 2, n])
+            lo_b, hi_b = torch.tensor([0, m // 2]), torch.tensor([m // 2, m])
+            with RecordLaunches(ed, "_pair_sums_kernel") as calls:
+                for grad in (False, True):
+                    ed.pair_sums(a, b, grad=grad)
+                    ed.segment_pair_sums(a, b, lo, hi, lo_b, hi_b, grad=grad)
+            for fn, args, kwargs in calls:
+                spec = jit_specialization(fn, args, dict(kwargs, debug=False))[2]
+                bucket = f"{cfg['BLOCK_D']}-{cfg['GRAM']}-{kwargs['GRAD']}"
+                keys.setdefault(bucket, set()).add(repr(spec))
+    return {bucket: len(v) for bucket, v in keys.items()}
+
+
 @pytest.fixture(scope="module")
 def sm90_results():
     pytest.importorskip("triton")
@@ -116,7 +144,7 @@ def test_config_list_is_complete():
 
 @pytest.mark.parametrize("index", range(N_CONFIGS))
 def test_sm90a_compiles_without_spills(sm90_results, index):
-    r = sm90_results[index]
+    r = sm90_results["configs"][index]
     assert r["ok"], r["error"]
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0, \
         f"{r['spill_stores']} / {r['spill_loads']} bytes of spill stores / loads: {r}"
@@ -125,6 +153,8 @@ def test_sm90a_compiles_without_spills(sm90_results, index):
         assert r["wgmma"] or r["mma"], "no tensor-core instruction (wgmma / mma) in the ptx"
     else:
         assert not (r["wgmma"] or r["mma"]), "DIRECT mode should have no dot"
+    # the gradient's atomic adds (GRAM mode, own rows only) need no acquire/release fence
+    assert not r["acq_rel"], f"acq_rel atomics in the ptx: {r['atomics']}"
 
 
 if __name__ == "__main__":
@@ -132,4 +162,14 @@ if __name__ == "__main__":
         sys.exit("run without TRITON_INTERPRET=1: the compile check needs real @triton.jit "
                  "functions")
     results = compile_all()
-    print(json.dumps(results) if "--json" in sys.argv else _table(results))
+    if "--json" in sys.argv:
+        print(json.dumps(dict(configs=results, specialisations=specialisation_counts())))
+    else:
+        print(_table(results))
+
+
+def test_one_compile_per_configuration(sm90_results):
+    """Every d of a bucket, every N and M, plain and segmented launches share one JIT
+    specialisation per (bucket, GRAD): the 8 configurations above are all that ever compile."""
+    counts = sm90_results["specialisations"]
+    assert len(counts) == N_CONFIGS and set(counts.values()) == {1}, counts
