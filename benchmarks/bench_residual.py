@@ -12,8 +12,8 @@ triton on CUDA (the interpreter is not a benchmark), and on CPU torch-ops (the t
 with its compiled elementwise passes switched off: what they buy). Every timed call on CUDA ends with
 torch.cuda.synchronize(); warm-up rounds run before timing (JIT compile excluded). extra_info
 records the device, dtype, versions, peak memory (CUDA) and the achieved TFLOP/s of the GEMMs.
-Ratios against reference: pytest-benchmark's --benchmark-group-by=param:shape table, or the
-summary printed by benchmarks/gpu_check.sh.
+Ratios against reference: benchmarks/conftest.py groups the table per operation and shape and
+prints each backend's median against reference at the end (gpu_check.sh prints its own summary).
 """
 from __future__ import annotations
 
