@@ -869,9 +869,10 @@ def cmd_evaluate(args) -> int:
 
 # L2-UVP (%) of the paper's NCF (forward map; docs/method.md, section 9), per dimension
 PAPER_L2_UVP = {2: 0.010, 4: 0.021, 8: 0.086, 16: 0.15, 32: 0.44, 64: 0.86}
-# the cycle error relative to the source's spread (rule of thumb, not a published threshold): a
-# default 2-D demo (L2-UVP ~0.05 %) stays under 1 %; above 10 % the backward map is unusable
-CYCLE_GOOD, CYCLE_BAD = 0.01, 0.10
+# the cycle error relative to the source's spread (a rule of thumb, not a published threshold):
+# an L2-UVP of 0.1 % is an RMS error of sqrt(0.001) ~ 3 % of the spread, and both maps' errors add
+# up in the cycle; the default demos read 0.6 % (d = 2) and 2.6 % (d = 3, L2-UVP 0.07/0.14 %)
+CYCLE_GOOD, CYCLE_BAD = 0.05, 0.20
 
 
 def energy_noise(ys: np.ndarray, splits: int = 4) -> float:

@@ -35,7 +35,7 @@ _STYLE = {
     "font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 7.5,
     "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
     "axes.spines.right": False, "axes.linewidth": 0.8, "legend.frameon": False,
-    "savefig.dpi": 130, "savefig.bbox": "tight", "savefig.pad_inches": 0.05,
+    "savefig.dpi": 120, "savefig.bbox": "tight", "savefig.pad_inches": 0.05,
     "font.family": "DejaVu Sans", "mathtext.fontset": "dejavusans",
     "axes.grid": False, "grid.linewidth": 0.4, "grid.alpha": 0.35,
 }
@@ -268,13 +268,13 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return (c[hi] - c[lo]) / (hi - lo)
 
 
-def _curve(ax, steps, values, color, window, log):
+def _curve(ax, steps, values, color, window, log, raw_label="per step"):
     """The raw trace faint, its moving average bold. On a log axis the first steps, before the
     curve reaches its settled range (u starts flat, so L_HJ starts at ~0), are left out instead
     of diving off the axis; returns the y-limits chosen (log) or None."""
     smooth = _smooth(values, window)
     if not log:
-        ax.plot(steps, values, color=color, lw=0.4, alpha=0.18, label="per step")
+        ax.plot(steps, values, color=color, lw=0.4, alpha=0.18, label=raw_label)
         ax.plot(steps, smooth, color=color, lw=1.6, label=f"moving average ({window} steps)")
         return None
     settled = smooth[len(smooth) // 10:]
@@ -282,7 +282,7 @@ def _curve(ax, steps, values, color, window, log):
     if not settled.size:
         return None
     floor = settled.min() / 4
-    first = int(np.argmax(smooth >= floor)) if np.any(smooth >= floor) else 0
+    first = int(np.argmax(smooth >= settled.min()))  # start inside the settled range
     top = max(np.quantile(values[first:], 0.995), np.nanmax(smooth[first:]))
     keep = slice(first, None)
     raw = np.where(values > floor, values, np.nan)[keep]
@@ -314,7 +314,9 @@ def training_figure(history: dict, title: str = ""):
         # a wider window: one step's estimate is far noisier than L_HJ's; the axis follows the
         # average (the faint per-step trace is clipped), or the noise would flatten it
         wide = max(1, len(steps) // 20)
-        _curve(ax_mmd, steps, mmd, TARGET, wide, log=False)
+        spread = float(np.quantile(np.abs(mmd[len(mmd) // 10:]), 0.9))
+        _curve(ax_mmd, steps, mmd, TARGET, wide, log=False,
+               raw_label=f"per step (spread ±{spread:.2g}, clipped)")
         smooth = _smooth(mmd, wide)
         pad = 0.15 * max(np.ptp(smooth), 1e-12)
         ax_mmd.set_ylim(min(smooth.min(), 0.0) - pad, max(smooth.max(), 0.0) + pad)

@@ -225,6 +225,7 @@ def _check_resumed_equals_reference(run_dir, reference_run):
     np.testing.assert_allclose([float(r["lr"]) for r in rows], [float(r["lr"]) for r in ref])
 
 
+@pytest.mark.slow  # two CLI trainings and a resume
 def test_ctrl_c_saves_and_resume_equals_uninterrupted(reference_run, data, tmp_path):
     home = tmp_path / "home"
     proc = popen_cli(*train_args(data, home, "--quiet"), cwd=tmp_path)
@@ -243,6 +244,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(reference_run, data, tmp_p
     _check_resumed_equals_reference(run_dir, reference_run)
 
 
+@pytest.mark.slow  # two CLI trainings and a resume
 def test_kill_9_leaves_a_loadable_checkpoint_and_resume_equals_uninterrupted(reference_run, data,
                                                                             tmp_path):
     home = tmp_path / "home"
