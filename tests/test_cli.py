@@ -535,3 +535,39 @@ def test_plots_for_one_and_many_dimensions(tmp_path, dim, exact):
     assert [os.path.basename(f) for f in files] == ["forward.png", "inverse.png", "training.png",
                                                     "displacement.png"]
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)  # no temp files
+
+
+def test_problem_names_readable_and_short_forms_agree():
+    from ncf_fast.cli import CLIError, _parse_problem
+    for readable, short in (("gaussian:d=2:seed=1", "gaussian:2:1"), ("gaussian:d=3", "gaussian:3"),
+                            ("toy:circles", "circles"), ("toy:moons:circles", "moons:circles")):
+        a, b = _parse_problem(readable), _parse_problem(short)
+        assert a.dim == b.dim and a.title == b.title
+        np.testing.assert_array_equal(a.sample(5, 0)[1], b.sample(5, 0)[1])
+    assert _parse_problem("gaussian:d=2:seed=1").title == "Gaussian pair (d = 2, seed 1)"
+    assert _parse_problem("gaussian:circles").title == "N(0, I) → circles (toys)"  # the toy pair
+    with pytest.raises(CLIError, match="gaussian:d=D:seed=S"):
+        _parse_problem("gaussian:d=2:1")
+
+
+def test_help_texts_say_what_each_flag_does():
+    from ncf_fast.cli import build_parser
+    parser = build_parser()
+    assert "flags mean train" in " ".join(parser.format_help().split())
+    subs = parser._subparsers._group_actions[0].choices
+
+    def quiet_help(name):
+        action = next(a for a in subs[name]._actions if "--quiet" in a.option_strings)
+        return action.help
+    assert quiet_help("train") == quiet_help("demo") and "progress bar" in quiet_help("train")
+    assert "output path" in quiet_help("transport") and "numbers only" in quiet_help("evaluate")
+    for name in subs:
+        assert any("--threads" in a.option_strings for a in subs[name]._actions), name
+
+
+def test_progress_bar_names_are_shared():
+    from ncf_fast.trainer import progress_fields
+    fields = progress_fields({"hj": 1e-4, "mmd": -2e-3, "lr": 1e-3, "heldout": -1e-5})
+    assert list(fields) == ["L_HJ", "L_MMD", "ED_heldout", "lr"]
+    assert fields["ED_heldout"] == "-1.00e-05"  # a negative estimate is shown as it is
+    assert list(progress_fields({"hj": 1.0, "mmd": 1.0, "lr": 1.0})) == ["L_HJ", "L_MMD", "lr"]
