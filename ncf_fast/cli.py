@@ -935,6 +935,8 @@ def evaluation_report(out: dict, xs: np.ndarray, ys: np.ndarray, dim: int, name:
         "sqrt(Var(source)); it checks that the two maps agree, not that they are right (identity "
         f"maps score 0). < {100 * CYCLE_GOOD:.0f} % and > {100 * CYCLE_BAD:.0f} % are rules of "
         "thumb from ncf_fast's runs, not published thresholds."]
+    if "l2_uvp_forward" not in out:
+        notes.pop(0)
     lines.append("")
     for note in notes:
         lines.extend(textwrap.wrap(note, 100, subsequent_indent="  "))
