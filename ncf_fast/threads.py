@@ -43,8 +43,8 @@ __all__ = ["available_cpus", "default_threads", "set_threads", "apply_default", 
            "THREADS_ENV", "WAIT_POLICY"]
 
 THREADS_ENV = "NCF_FAST_THREADS"
-# passive: an idle OpenMP thread sleeps instead of spinning (beside two busy processes on 2
-# cores, 8-9 s against 10-67 s for the default policy in the same session; README "CPU threads")
+# passive: an idle OpenMP thread sleeps instead of spinning (measured beside busy processes:
+# README, "CPU threads")
 WAIT_POLICY = "PASSIVE"
 
 
