@@ -5,7 +5,7 @@
     python benchmarks/accuracy.py --dims 8 --steps 5000 --device cuda
     python benchmarks/accuracy.py --samples 0          # fresh draws every step (no finite sample)
 
-Each row: GaussianOT(d, seed=S) (NCF_METHOD.md's pairs: zero means, log-eigenvalues uniform in
+Each row: GaussianOT(d, seed=S) (docs/method.md's pairs: zero means, log-eigenvalues uniform in
 [-ln 2, ln 2]), 50,000 training samples per side (``--samples``; 0 passes the problem's
 samplers, so every step draws fresh points), ``NCF(d, seed=0).fit(src, tgt, steps=...)``
 with every other setting at its default, then L2-UVP on 20,000 fresh samples per side. Time is

@@ -12,9 +12,10 @@ triton on CUDA (the interpreter is not a benchmark), and on CPU torch-ops (the t
 with its compiled elementwise passes switched off: what they buy). Every timed call on CUDA ends with
 torch.cuda.synchronize(); warm-up rounds run before timing (JIT compile excluded). extra_info
 records the device, dtype, versions, peak memory (CUDA) and the achieved TFLOP/s of the GEMMs.
-Ratios against reference: pytest-benchmark's --benchmark-group-by=param:shape table. The train
-step here is the trainer's (its energy term picks its own backend, "auto"); gpu_check.sh's
-benchmarks/gpu_bench.py times steps with the energy backend named per row instead.
+Ratios against reference: benchmarks/conftest.py groups the table per operation and shape and
+prints each backend's median against reference at the end. The train step here is the trainer's
+(its energy term picks its own backend, "auto"); gpu_check.sh's benchmarks/gpu_bench.py times
+steps with the energy backend named per row instead.
 """
 from __future__ import annotations
 

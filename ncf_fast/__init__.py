@@ -5,10 +5,15 @@ energy-distance marginal term gives closed-form forward and backward transport m
 """
 __version__ = "0.1.0"
 
+# first, before torch loads its OpenMP runtime: the CPU wait policy (see ncf_fast/threads.py)
+from . import threads  # noqa: E402,I001
 from . import costs, losses, metrics, problems  # noqa: E402
 from .estimator import NCF  # noqa: E402
 from .potential import PotentialMLP  # noqa: E402
 from .trainer import TrainConfig  # noqa: E402
+from .threads import set_threads  # noqa: E402
+
+threads.apply_default()
 
 __all__ = ["NCF", "PotentialMLP", "TrainConfig", "costs", "losses", "metrics", "problems",
-           "__version__"]
+           "set_threads", "threads", "__version__"]

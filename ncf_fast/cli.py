@@ -8,7 +8,10 @@
                    [--checkpoint latest|N]      (the research code's flags: ncf_fast.lineage)
     ncf-fast transport --checkpoint C --input X.npy --out Y.npy [--inverse] [--t T]
     ncf-fast demo [--problem NAME] [--steps N] [--home_dir H]
-    ncf-fast evaluate --checkpoint C (--problem gaussian:D[:SEED] | --problem P.npz | --input X --output Y)
+    ncf-fast evaluate --checkpoint C (--problem gaussian:d=D[:seed=S] | --problem P.npz | --input X --output Y)
+
+Problems: gaussian:d=D[:seed=S] (a Gaussian pair with a known map; short form gaussian:D[:S]),
+toy:TGT or toy:SRC:TGT (2-D toys; short forms TGT, SRC:TGT), or a .npz with Sigma0 and Sigma1.
 
 ``python -m ncf_fast`` with the original research code's flags and no sub-command means ``train``.
 A run writes one folder ``H/exps/NAME/<timestamp>/`` (see :func:`_create_run_dir`) and prints its
@@ -30,6 +33,7 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -46,7 +50,7 @@ __all__ = ["main", "CLIError"]
 EXIT_USAGE = 2          # bad input: one line on stderr, nothing written
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: checkpoint saved, resume later (128 + SIGINT)
 SUBCOMMANDS = ("train", "transport", "demo", "evaluate")
-DEMO_PROBLEM = "gaussian:2:1"  # a 2-D Gaussian pair: its exact map gives L2-UVP in metrics.json
+DEMO_PROBLEM = "gaussian:d=2:seed=1"  # a 2-D Gaussian pair: its exact map gives L2-UVP in metrics.json
 DEMO_SAMPLES = 20_000      # samples per side the demo draws
 METRIC_SAMPLES = 2_000     # rows used for the energy distances in metrics.json (O(n^2) cost)
 LOG_COLUMNS = ("step", "L_HJ", "L_MMD", "lr", "seconds")
@@ -578,6 +582,8 @@ class _StopSignals:
 def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
     from tqdm.auto import tqdm
 
+    from .trainer import progress_fields
+
     cfg = run["config"]
     every = cfg["run.checkpoint_every"]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -633,15 +639,14 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
 
         def callback(step, logs):
             rows.append(f"{step},{logs['hj']:.9g},{logs['mmd']:.9g},{logs['lr']:.9g},{seconds():.3f}\n")
-            post.update(L_HJ=f"{logs['hj']:.2e}", L_MMD=f"{logs['mmd']:.2e}", lr=f"{logs['lr']:.1e}")
+            post.update(progress_fields(logs))  # the same names as NCF.fit's bar
             if "heldout" in logs:
-                post["ED_heldout"] = f"{logs['heldout']:.2e}"
                 if args.quiet and main:
                     now = time.perf_counter()
                     speed = (step - rate["step"]) / max(now - rate["t"], 1e-9)
                     rate.update(t=now, step=step)
                     print(f"step {step}/{total}  L_HJ {logs['hj']:.3e}  L_MMD {logs['mmd']:.3e}  "
-                          f"heldout ED {logs['heldout']:.3e}  lr {logs['lr']:.2e}  "
+                          f"ED_heldout {logs['heldout']:.3e}  lr {logs['lr']:.2e}  "
                           f"{speed:.1f} steps/s", file=sys.stderr, flush=True)
             bar.set_postfix(post, refresh=False)
             bar.update(1)
@@ -700,10 +705,19 @@ def _finish(args, run_dir, run, ncf, data):
     _write_npy(os.path.join(run_dir, "inverse.npy"), pulled)
     metrics = _run_metrics(ncf, src, tgt, pushed, pulled, run)
     _write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    # run.json was written at the start: now it gets the training time (as in the checkpoint)
+    _write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=2) + "\n")
     from . import plots
-    files = plots.run_plots(os.path.join(run_dir, "plots"), src, tgt, pushed, pulled, ncf.history,
-                            max_points=run["config"]["run.plot_points"],
-                            title=run["problem"] or os.path.basename(run["paths"]["input"]))
+    problem = _parse_problem(run["problem"]) if run["problem"] else None
+    exact = problem is not None and problem.oracle is not None and ncf.cost.spec == "quadratic"
+    paths = run["paths"]
+    files = plots.run_plots(
+        os.path.join(run_dir, "plots"), src, tgt, pushed, pulled, ncf.history,
+        max_points=run["config"]["run.plot_points"],
+        title=problem.title if problem else
+        f"{os.path.basename(paths['input'])} → {os.path.basename(paths['output'])}",
+        truth_forward=problem.oracle.forward_map(src) if exact else None,
+        truth_backward=problem.oracle.inverse_map(tgt) if exact else None)
     _info(args, f"trained {metrics['steps']} steps in {metrics['seconds']:.1f} s "
                 f"({metrics['steps_per_second']:.1f} steps/s); energy distance T#mu vs nu "
                 f"{metrics['energy_distance_forward']:.2e} (source vs target "
@@ -752,18 +766,38 @@ def _run_metrics(ncf, src, tgt, pushed, pulled, run) -> dict:
 
 # ---------------------------------------------------------------------------------- problems
 class _Problem:
-    """A built-in problem: a toy pair "SRC:TGT" / "TGT" (source N(0, I)), or a Gaussian pair."""
+    """A built-in problem: a toy pair "SRC:TGT" / "TGT" (source N(0, I)), or a Gaussian pair.
 
-    def __init__(self, spec, dim, source, target, oracle=None):
+    ``title`` names it in plain words for figure titles, e.g. "Gaussian pair (d = 2, seed 1)"."""
+
+    def __init__(self, spec, dim, source, target, oracle=None, title=None):
         self.spec, self.dim, self._source, self._target, self.oracle = spec, dim, source, target, oracle
+        self.title = title or spec
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         return self._source(n, seed), self._target(n, seed + 1)
 
 
+def _readable_spec(text: str) -> str:
+    """The readable problem names -> the short ones (both accepted): toy:TGT -> TGT,
+    toy:SRC:TGT -> SRC:TGT, gaussian:d=D[:seed=S] -> gaussian:D[:S]. "gaussian" alone is also
+    a toy (N(0, I)), which is why gaussian:circles and gaussian:2:1 read alike."""
+    parts = text.split(":")
+    if parts[0] == "toy" and len(parts) in (2, 3):
+        return ":".join(parts[1:])
+    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].startswith("d="):
+        out = ["gaussian", parts[1][2:]]
+        if len(parts) == 3:
+            if not parts[2].startswith("seed="):
+                raise CLIError(f"--problem {text}: write gaussian:d=D:seed=S (e.g. gaussian:d=2:seed=1)")
+            out.append(parts[2][5:])
+        return ":".join(out)
+    return text
+
+
 def _parse_problem(spec: str) -> _Problem:
     from . import problems
-    text = str(spec).strip()
+    text = _readable_spec(str(spec).strip())
     if text.lower().endswith(".npz") or os.path.sep in text:
         from .data import check_regular_file
         try:
@@ -778,7 +812,8 @@ def _parse_problem(spec: str) -> _Problem:
                            f"problem ({msg})") from None
         except Exception as exc:  # zipfile.BadZipFile and friends
             raise CLIError(f"{text}: not a valid .npz file ({_first_line(exc)})") from None
-        return _gaussian_problem(text, gauss)
+        return _gaussian_problem(text, gauss, f"Gaussian pair from {os.path.basename(text)} "
+                                 f"(d = {gauss.dim})")
     parts = text.split(":")
     if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].isdigit():
         dim = int(parts[1])
@@ -787,21 +822,26 @@ def _parse_problem(spec: str) -> _Problem:
         if len(parts) == 3 and not parts[2].isdigit():
             raise CLIError(f"--problem {spec}: the seed in gaussian:D:SEED must be a non-negative integer")
         seed = int(parts[2]) if len(parts) == 3 else 0
-        return _gaussian_problem(text, problems.GaussianOT(dim, seed=seed))
+        return _gaussian_problem(text, problems.GaussianOT(dim, seed=seed),
+                                 f"Gaussian pair (d = {dim}, seed {seed})")
     names = parts if len(parts) == 2 else (["gaussian", parts[0]] if len(parts) == 1 else None)
     bad = [n for n in (names or []) if n not in problems.TOYS]
     if names is None or bad:
         near = difflib.get_close_matches(bad[0], list(problems.TOYS), n=1) if bad else []
         raise CLIError(f"--problem {spec!r}: unknown problem" + (f" {bad[0]!r}" if bad else "")
                        + (f" (did you mean {near[0]!r}?)" if near else "")
-                       + f"; use a toy ({', '.join(problems.TOYS)}), SRC:TGT of two toys, "
-                       "gaussian:D[:SEED] or a .npz with Sigma0 and Sigma1")
+                       + f"; use toy:TGT (source N(0, I)) or toy:SRC:TGT with toys "
+                       f"{', '.join(problems.TOYS)}; gaussian:d=D[:seed=S] (a Gaussian pair with "
+                       "a known map); or a .npz with Sigma0 and Sigma1")
     a, b = names
+
+    def name(toy):
+        return "N(0, I)" if toy == "gaussian" else toy
     return _Problem(f"{a}:{b}", 2, lambda n, s: problems.toy(a, n, seed=s),
-                    lambda n, s: problems.toy(b, n, seed=s))
+                    lambda n, s: problems.toy(b, n, seed=s), title=f"{name(a)} → {name(b)} (toys)")
 
 
-def _gaussian_problem(spec, gauss) -> _Problem:
+def _gaussian_problem(spec, gauss, title) -> _Problem:
     chol0, chol1 = np.linalg.cholesky(gauss.sigma0), np.linalg.cholesky(gauss.sigma1)
 
     def source(n, seed):
@@ -809,7 +849,7 @@ def _gaussian_problem(spec, gauss) -> _Problem:
 
     def target(n, seed):
         return gauss.m1 + np.random.default_rng([seed, 1]).standard_normal((n, gauss.dim)) @ chol1.T
-    return _Problem(spec, gauss.dim, source, target, oracle=gauss)
+    return _Problem(spec, gauss.dim, source, target, oracle=gauss, title=title)
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -866,7 +906,7 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.gpu)
     ckpt_path = _checkpoint_file(args.checkpoint)
     if args.problem is None and (args.input is None or args.output is None):
-        raise CLIError("evaluate needs --problem (gaussian:D[:SEED], a .npz, a toy pair) or "
+        raise CLIError("evaluate needs --problem (gaussian:d=D[:seed=S], a .npz, toy:SRC:TGT) or "
                        "--input and --output sample files")
     problem = _parse_problem(args.problem) if args.problem is not None else None
     ncf = _load_model(ckpt_path, device, getattr(args, "time_axis", None))
@@ -901,12 +941,90 @@ def cmd_evaluate(args) -> int:
     out["cycle_error"] = m.cycle_error(ncf, xs)
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
+    elif args.quiet:
         width = max(len(k) for k in out)
         for k, v in out.items():
             unit = " %" if k.startswith("l2_uvp") else ""
             print(f"{k:<{width}}  {v:.4g}{unit}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    else:
+        print(evaluation_report(out, xs, ys, ncf.dim, problem.title if problem else source_name))
     return 0
+
+
+# L2-UVP (%) of the paper's NCF (forward map; docs/method.md, section 9), per dimension
+PAPER_L2_UVP = {2: 0.010, 4: 0.021, 8: 0.086, 16: 0.15, 32: 0.44, 64: 0.86}
+# the cycle error relative to the source's spread (a rule of thumb, not a published threshold):
+# an L2-UVP of 0.1 % is an RMS error of sqrt(0.001) ~ 3 % of the spread, and both maps' errors add
+# up in the cycle; the default demos read 0.6 % (d = 2) and 2.6 % (d = 3, L2-UVP 0.07/0.14 %)
+CYCLE_GOOD, CYCLE_BAD = 0.05, 0.20
+
+
+def energy_noise(ys: np.ndarray, splits: int = 4) -> float:
+    """How far from 0 the energy distance between two samples of ONE distribution typically
+    lands at the size of ``ys``: the RMS over random halvings of ys, halved (under equal
+    distributions the unbiased estimate shrinks like 1/n). Data units."""
+    from . import metrics as m
+    rng = np.random.default_rng(1)
+    values = []
+    for _ in range(splits):
+        idx = rng.permutation(ys.shape[0])
+        half = ys.shape[0] // 2
+        values.append(m.energy_distance(ys[idx[:half]], ys[idx[half:2 * half]]))
+    return float(np.sqrt(np.mean(np.square(values))) / 2)
+
+
+def evaluation_report(out: dict, xs: np.ndarray, ys: np.ndarray, dim: int, name: str) -> str:
+    """``ncf-fast evaluate``'s table: each number with its unit, its scale and, where a threshold
+    is known, a verdict in words, then what the numbers mean. out: the metrics; xs, ys: the
+    source and target rows the energy distances and the cycle error were measured on."""
+    spread = float(np.sqrt(xs.var(axis=0, ddof=1).sum()))  # RMS distance to the mean, sqrt(Var)
+    noise = energy_noise(ys)
+    initial = out["energy_distance_initial"]
+    paper = PAPER_L2_UVP.get(dim)
+    rows = [("quantity", "value", "scale", "verdict")]
+    for key, what in (("l2_uvp_forward", "forward"), ("l2_uvp_backward", "backward")):
+        if key in out:
+            v = out[key]
+            scale = f"paper's NCF at d = {dim}: {paper:g} %" if paper else "% of Var(target)"
+            verdict = ("good (< 0.1 %)" if v < 0.1 else "fair (0.1-1 %)" if v < 1
+                       else "poor (> 1 %): train longer")
+            if paper and v > 2 * paper:
+                verdict += f", {v / paper:.0f}x the paper"
+            rows.append((f"L2-UVP {what}", f"{v:.3g} %", scale, verdict))
+    for key, label in (("energy_distance_forward", "energy distance T#mu vs nu"),
+                       ("energy_distance_backward", "energy distance T^-1#nu vs mu")):
+        v = out[key]
+        rel = f"{100 * v / initial:.3g} % of before" if initial > 0 else "-"
+        verdict = ("at the noise level: matches" if abs(v) <= 3 * noise
+                   else f"{v / noise:.0f}x the noise: differs")
+        rows.append((label, f"{v:.3g}", f"{rel}; noise ~{noise:.1g}", verdict))
+    rows.append(("energy distance source vs target", f"{initial:.3g}", "before transport", ""))
+    cyc = out["cycle_error"] / spread if spread > 0 else float("nan")
+    verdict = (f"maps agree (< {100 * CYCLE_GOOD:.0f} %)" if cyc < CYCLE_GOOD else
+               "maps disagree" if cyc < CYCLE_BAD else
+               f"maps do not agree (> {100 * CYCLE_BAD:.0f} %): backward map not usable yet")
+    rows.append(("cycle error |T^-1(T(x)) - x|", f"{out['cycle_error']:.3g}",
+                 f"{100 * cyc:.2g} % of the spread {spread:.3g}", verdict))
+    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = [f"{name}, {out['samples']} samples per side", f"checkpoint {out['checkpoint']}", ""]
+    lines += ["  ".join(f"{c:<{w}}" for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    notes = [
+        "L2-UVP: 100 E|T(x) - T*(x)|^2 / Var(target), the map's mean squared error against the "
+        "exact map as a percentage of the target's variance (backward: roles swapped); the "
+        "paper's table is in docs/method.md.",
+        f"Energy distances: data units, on {xs.shape[0]} rows per side. The estimate is unbiased, "
+        "so near a perfect match it scatters around 0 and can be negative; 'noise' is its typical "
+        "size between two samples of the same distribution at this sample size.",
+        "Cycle error: how far T^-1(T(x)) lands from x (data units), relative to the source's spread "
+        "sqrt(Var(source)); it checks that the two maps agree, not that they are right (identity "
+        f"maps score 0). < {100 * CYCLE_GOOD:.0f} % and > {100 * CYCLE_BAD:.0f} % are rules of "
+        "thumb from ncf_fast's runs, not published thresholds."]
+    if "l2_uvp_forward" not in out:
+        notes.pop(0)
+    lines.append("")
+    for note in notes:
+        lines.extend(textwrap.wrap(note, 100, subsequent_indent="  "))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -963,16 +1081,23 @@ _TIME_AXIS = "a checkpoint of the research code: its network's input is [x, t] (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ncf-fast", description="Optimal transport with Neural Characteristic "
-                     "Flows: train a map, apply it, check it. `ncf-fast demo` needs no files.")
+                     "Flows: train a map, apply it, check it. `ncf-fast demo` needs no files.",
+                     epilog="Without a sub-command, flags mean train: `ncf-fast --conf setup.conf "
+                     "--input X.npy --output Y.npy` (and `python -m ncf_fast ...`, the research "
+                     "code's run.py flags) is `ncf-fast train ...`.")
     parser.add_argument("--version", action="version", version=f"ncf_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,transport,demo,evaluate}",
                                 parser_class=_Parser)
 
-    def common(p):
+    def common(p, quiet):
         p.add_argument("--gpu", metavar="ID|auto|cpu", help="CUDA device index, auto or cpu "
                        "(default: CUDA device 0 if available, else cpu)")
-        p.add_argument("--quiet", "-q", action="store_true",
-                       help="no progress bar: one plain line per held-out check (for log files)")
+        p.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPU threads (default: the CPUs this process may use, fewer while "
+                       "other processes keep them busy; also NCF_FAST_THREADS)")
+        p.add_argument("--quiet", "-q", action="store_true", help=quiet)
+
+    training_quiet = "no progress bar: one plain line per held-out check (for log files)"
 
     p = sub.add_parser("train", help="train on .npy sample files (the original run.py flags)",
                        description="Train an NCF map from --input (source) to --output (target) "
@@ -992,7 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR "
                    "(same step, optimizer, schedule and random stream); --steps may extend it")
     lineage.add_train_flags(p, _positive_int)  # the research code's run.py flags
-    common(p)
+    common(p, training_quiet)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("transport", help="apply a trained map to samples",
@@ -1004,15 +1129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inverse", action="store_true", help="backward map T^-1 instead of T")
     p.add_argument("--t", type=_number, metavar="T", help="point x(t) on the characteristic, 0 <= t <= t_f")
     p.add_argument("--time_axis", choices=("last", "first"), help=_TIME_AXIS)
-    common(p)
+    common(p, "print only the output path (no summary line on stderr)")
     p.set_defaults(func=cmd_transport)
 
     p = sub.add_parser("demo", help="train on a built-in problem and plot it (no files needed)",
                        description="Train on a built-in problem in about a minute on a CPU, write "
                        "a run folder with plots and print its path last.")
     p.add_argument("--problem", default=DEMO_PROBLEM, metavar="NAME",
-                   help=f"a toy (source N(0, I)), SRC:TGT of two toys, gaussian:D[:SEED] or a .npz "
-                        f"with Sigma0, Sigma1 (default: {DEMO_PROBLEM})")
+                   help=f"gaussian:d=D[:seed=S] (a Gaussian pair with a known map), toy:TGT "
+                        f"(source N(0, I)) or toy:SRC:TGT (2-D toys: circles, moons, 8gaussians, "
+                        f"...), or a .npz with Sigma0, Sigma1; the short forms gaussian:D[:S], TGT "
+                        f"and SRC:TGT also work (default: {DEMO_PROBLEM})")
     p.add_argument("--steps", type=_positive_int, metavar="N",
                    help="train.steps (default: train.steps of the config, 3000)")
     p.add_argument("--home_dir", metavar="H", help="where exps/ goes (default: current folder)")
@@ -1022,21 +1149,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"samples per side (default: {DEMO_SAMPLES})")
     p.add_argument("--backend", choices=backends.BACKENDS, help="model.backend")
     p.add_argument("--energy_backend", choices=backends.BACKENDS, help="model.energy_backend")
-    common(p)
+    common(p, training_quiet)
     p.set_defaults(func=cmd_demo, expname=None)
 
     p = sub.add_parser("evaluate", help="accuracy of a trained map",
                        description="Forward/backward L2-UVP against a Gaussian closed form, energy "
                        "distances and the cycle error |T^-1(T(x)) - x|.")
     p.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint file or run folder")
-    p.add_argument("--problem", metavar="P", help="gaussian:D[:SEED], a .npz with Sigma0, Sigma1, or a toy pair")
+    p.add_argument("--problem", metavar="P", help="gaussian:d=D[:seed=S], a .npz with Sigma0, "
+                   "Sigma1, or toy:SRC:TGT (as for demo); fresh samples are drawn")
     p.add_argument("--input", metavar="X.npy", help="source samples (instead of --problem)")
     p.add_argument("--output", metavar="Y.npy", help="target samples (instead of --problem)")
     p.add_argument("--samples", type=_positive_int, default=10_000, metavar="N",
                    help="samples drawn from --problem (default: 10000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--time_axis", choices=("last", "first"), help=_TIME_AXIS)
-    common(p)
+    common(p, "print the numbers only, without the explanations and verdicts")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
@@ -1056,6 +1184,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CLIError(f"ncf-fast: choose a command: {', '.join(SUBCOMMANDS)} (see ncf-fast --help)")
+        if args.threads is not None:
+            from .threads import set_threads
+            set_threads(args.threads)
         status = args.func(args)
         distributed.shutdown()
         return status

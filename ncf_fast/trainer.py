@@ -12,10 +12,12 @@ from .energy import (ClassSegments, class_conditional_energy_distance,
                      class_conditional_witness_energy_distance, class_segments,
                      energy_distance, segmented_energy_distance,
                      segmented_witness_energy_distance, witness_energy_distance)
+from . import threads
 from .losses import hj_residual
 from .sampling import Collocation, SampleSet
 
-__all__ = ["TrainConfig", "Trainer", "lr_at", "dimension_defaults", "LR_SCHEDULES"]
+__all__ = ["TrainConfig", "Trainer", "lr_at", "dimension_defaults", "LR_SCHEDULES",
+           "progress_fields"]
 
 LR_SCHEDULES = ("cosine", "step")
 
@@ -331,7 +333,10 @@ class Trainer:
         start = time.perf_counter()
         # saturated sigmoids make denormal floats, which slow CPU arithmetic ~30% (measured at
         # d = 2); flushing them to zero changes nothing above 1e-38
-        flush = self.model.layers[0].weight.device.type == "cpu" and torch.set_flush_denormal(True)
+        on_cpu = self.model.layers[0].weight.device.type == "cpu"
+        flush = on_cpu and torch.set_flush_denormal(True)
+        # threads: fewer when other processes keep the CPUs busy (ncf_fast/threads.py)
+        load = threads.LoadFollower() if on_cpu else None
         try:
             while self.step_count < cfg.steps:
                 l_hj, l_mmd, lr = self.step()
@@ -348,18 +353,22 @@ class Trainer:
                     pending.clear()
                     logs = {"step": self.step_count, "hj": history["hj"][-1],
                             "mmd": history["mmd"][-1], "lr": lr}
-                    bar.set_postfix(hj=f"{logs['hj']:.2e}", mmd=f"{logs['mmd']:.2e}", lr=f"{lr:.1e}")
                 if at_check:
                     logs["heldout"] = self.heldout_distance()
                     history["heldout_step"].append(self.step_count)
                     history["heldout"].append(logs["heldout"])
-                    bar.set_postfix(hj=f"{logs['hj']:.2e}", mmd=f"{logs['mmd']:.2e}",
-                                    heldout=f"{logs['heldout']:.2e}", lr=f"{lr:.1e}")
+                if logs is not None:  # the last held-out value stays on the bar until the next
+                    last = {"heldout": history["heldout"][-1]} if history["heldout"] else {}
+                    bar.set_postfix(progress_fields({**last, **logs}), refresh=False)
                 bar.update(1)
+                if load is not None:
+                    load.step()
                 if callback is not None and callback(self.step_count, logs):
                     break
         finally:
             bar.close()
+            if load is not None:
+                load.close()
             if flush:
                 torch.set_flush_denormal(False)
         history["seconds"] = history.get("seconds", 0.0) + time.perf_counter() - start
@@ -391,7 +400,7 @@ def _progress_bar(total: int, initial: int):
 class _NoBar:
     """What run() calls on a bar, doing nothing (progress=False: tqdm is not imported)."""
 
-    def set_postfix(self, **kwargs):
+    def set_postfix(self, *args, **kwargs):
         pass
 
     def update(self, n: int = 1):
@@ -399,6 +408,17 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def progress_fields(logs: dict) -> dict:
+    """The progress bar's fields, in the names the CLI and the Python API share: L_HJ, L_MMD (the
+    step's training estimate, standardised units), ED_heldout (held-out energy distance, data
+    units; an unbiased estimate, so it can dip below 0 near a perfect fit) and lr."""
+    out = {"L_HJ": f"{logs['hj']:.2e}", "L_MMD": f"{logs['mmd']:.2e}"}
+    if "heldout" in logs:
+        out["ED_heldout"] = f"{logs['heldout']:.2e}"
+    out["lr"] = f"{logs['lr']:.1e}"
+    return out
 
 
 def new_history() -> dict:

@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# A fixed thread count for this process and the CLI processes the tests start: the library would
+# otherwise follow the machine's load (ncf_fast/threads.py), and the count changes the order of
+# floating-point sums, which the resume and reproducibility tests compare bit for bit.
+os.environ.setdefault("NCF_FAST_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture

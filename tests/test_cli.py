@@ -129,6 +129,9 @@ def test_train_with_original_flags_writes_one_run_folder(reference_run, data):
     # 60 steps bring well below the untrained source-vs-target distance
     assert metrics["steps"] == STEPS and metrics["energy_distance_forward"] >= -1e-2
     assert metrics["energy_distance_forward"] < 0.5 * metrics["energy_distance_initial"]
+    # run.json, written at the start, ends with the training time (it used to keep 0.0)
+    run = json.loads(open(os.path.join(run_dir, "run.json")).read())
+    assert run["seconds"] > 0 and round(run["seconds"], 3) == metrics["seconds"]
     # the resolved config reads back; every CLI checkpoint loads with NCF.load
     assert config_mod.load_config(os.path.join(run_dir, "setup.conf"))["train.steps"] == STEPS
     model = NCF.load(os.path.join(run_dir, "checkpoints", "latest.pt"))
@@ -173,6 +176,16 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
     out = json.loads(proc.stdout)
     for key in ("l2_uvp_forward", "l2_uvp_backward", "energy_distance_forward", "cycle_error"):
         assert np.isfinite(out[key]), key
+    # the readable problem name is the same problem; the default output explains each number
+    proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:d=2:seed=3",
+                   "--samples", 500, "--gpu", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Gaussian pair (d = 2, seed 3), 500 samples per side" in proc.stdout
+    uvp = f"{out['l2_uvp_forward']:.3g} %"
+    assert "L2-UVP forward" in proc.stdout and uvp in proc.stdout
+    assert "% of the spread" in proc.stdout and "can be negative" in proc.stdout
+    # 20 steps are far from the paper's accuracy, and the verdict says so in words
+    assert "poor (> 1 %): train longer" in proc.stdout and "x the noise: differs" in proc.stdout
     # a problem of another dimension is refused
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:3", "--gpu", "cpu",
                    cwd=tmp_path)
@@ -213,6 +226,7 @@ def _check_resumed_equals_reference(run_dir, reference_run):
     np.testing.assert_allclose([float(r["lr"]) for r in rows], [float(r["lr"]) for r in ref])
 
 
+@pytest.mark.slow  # two CLI trainings and a resume
 def test_ctrl_c_saves_and_resume_equals_uninterrupted(reference_run, data, tmp_path):
     home = tmp_path / "home"
     proc = popen_cli(*train_args(data, home, "--quiet"), cwd=tmp_path)
@@ -231,6 +245,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(reference_run, data, tmp_p
     _check_resumed_equals_reference(run_dir, reference_run)
 
 
+@pytest.mark.slow  # two CLI trainings and a resume
 def test_kill_9_leaves_a_loadable_checkpoint_and_resume_equals_uninterrupted(reference_run, data,
                                                                             tmp_path):
     home = tmp_path / "home"
@@ -513,17 +528,56 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "ncf_fast" in proc.stdout
 
 
-@pytest.mark.parametrize("dim", [1, 5])
-def test_plots_for_one_and_many_dimensions(tmp_path, dim):
-    """d = 1 draws the characteristics in the (x, t) plane, d > 2 a principal-axes projection."""
+@pytest.mark.parametrize("dim, exact", [(1, True), (5, False)])
+def test_plots_for_one_and_many_dimensions(tmp_path, dim, exact):
+    """d = 1 draws the characteristics in the (x, t) plane, d > 2 a principal-axes projection
+    (d = 2 runs in the demo and train tests); with and without an exact map; a negative
+    held-out estimate and an L_HJ that starts at 0 (u starts flat) on the log axes."""
     from ncf_fast import plots
     rng = np.random.default_rng(dim)
     src = rng.standard_normal((300, dim))
     tgt = 2.0 * rng.standard_normal((300, dim)) + 1.0
-    history = {"step": [1, 2, 3], "hj": [0.0, 1e-3, 5e-4], "mmd": [0.1, -0.01, 0.02],
-               "lr": [1e-3, 1e-3, 5e-4], "heldout_step": [3], "heldout": [0.05]}
-    files = plots.run_plots(str(tmp_path), src, tgt, 2.0 * src + 1.0, (tgt - 1.0) / 2.0, history,
-                            max_points=100, title=f"d={dim}")
+    history = {"step": [1, 2, 3, 4], "hj": [0.0, 1e-3, 5e-4, 4e-4], "mmd": [0.1, -0.01, 0.02, 0.0],
+               "lr": [1e-3, 1e-3, 5e-4, 1e-4], "heldout_step": [2, 4], "heldout": [0.05, -1e-4]}
+    truth = {"truth_forward": 2.0 * src + 1.0, "truth_backward": (tgt - 1.0) / 2.0} if exact else {}
+    files = plots.run_plots(str(tmp_path), src, tgt, 2.0 * src + 1.01, (tgt - 1.0) / 2.0 + 0.01,
+                            history, max_points=100, title=f"d={dim}", **truth)
     assert [os.path.basename(f) for f in files] == ["forward.png", "inverse.png", "training.png",
                                                     "displacement.png"]
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in files)  # no temp files
+
+
+def test_problem_names_readable_and_short_forms_agree():
+    from ncf_fast.cli import CLIError, _parse_problem
+    for readable, short in (("gaussian:d=2:seed=1", "gaussian:2:1"), ("gaussian:d=3", "gaussian:3"),
+                            ("toy:circles", "circles"), ("toy:moons:circles", "moons:circles")):
+        a, b = _parse_problem(readable), _parse_problem(short)
+        assert a.dim == b.dim and a.title == b.title
+        np.testing.assert_array_equal(a.sample(5, 0)[1], b.sample(5, 0)[1])
+    assert _parse_problem("gaussian:d=2:seed=1").title == "Gaussian pair (d = 2, seed 1)"
+    assert _parse_problem("gaussian:circles").title == "N(0, I) → circles (toys)"  # the toy pair
+    with pytest.raises(CLIError, match="gaussian:d=D:seed=S"):
+        _parse_problem("gaussian:d=2:1")
+
+
+def test_help_texts_say_what_each_flag_does():
+    from ncf_fast.cli import build_parser
+    parser = build_parser()
+    assert "flags mean train" in " ".join(parser.format_help().split())
+    subs = parser._subparsers._group_actions[0].choices
+
+    def quiet_help(name):
+        action = next(a for a in subs[name]._actions if "--quiet" in a.option_strings)
+        return action.help
+    assert quiet_help("train") == quiet_help("demo") and "progress bar" in quiet_help("train")
+    assert "output path" in quiet_help("transport") and "numbers only" in quiet_help("evaluate")
+    for name in subs:
+        assert any("--threads" in a.option_strings for a in subs[name]._actions), name
+
+
+def test_progress_bar_names_are_shared():
+    from ncf_fast.trainer import progress_fields
+    fields = progress_fields({"hj": 1e-4, "mmd": -2e-3, "lr": 1e-3, "heldout": -1e-5})
+    assert list(fields) == ["L_HJ", "L_MMD", "ED_heldout", "lr"]
+    assert fields["ED_heldout"] == "-1.00e-05"  # a negative estimate is shown as it is
+    assert list(progress_fields({"hj": 1.0, "mmd": 1.0, "lr": 1.0})) == ["L_HJ", "L_MMD", "lr"]

@@ -28,6 +28,10 @@ import numpy as np
 import pytest
 import torch
 
+# every test starts two or more processes that import torch and train (-m "not slow" leaves
+# them out)
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 # passive_age 4 (not the default 1): with 8 fresh passive rows a step instead of 32, drawn with

@@ -36,6 +36,9 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 from sm90 import ptxas_report
 
+# 13 compiles for sm_90a take 1-2 minutes on 2 cores (-m "not slow" leaves them out)
+pytestmark = pytest.mark.slow
+
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
 
 # (kernel, H_PAD, BLOCK_H, D_PAD, N_HIDDEN, activation, cost, precision)

@@ -26,6 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 from sm90 import ptxas_report
 
+# every configuration compiled for sm_90a: tens of seconds (-m "not slow" leaves them out)
+pytestmark = pytest.mark.slow
+
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
 N_CONFIGS = 8  # len(all_configs()): 4 d buckets x GRAD; checked against the module in the test
 
