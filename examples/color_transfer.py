@@ -141,8 +141,11 @@ def fit_pot(src: np.ndarray, tgt: np.ndarray, args, rng):
     t0 = time.perf_counter()
     plan = ot.da.EMDTransport()
     plan.fit(Xs=xs, Xt=ys)
-    return (lambda x: plan.transform(Xs=x), lambda y: plan.inverse_transform(Xt=y),
-            time.perf_counter() - t0)
+    # POT recomputes the fitted samples' barycentric images once per batch: its default batch of
+    # 128 rows made the out-of-sample mapping of two 0.25 MP images take minutes
+    batch = 8192
+    return (lambda x: plan.transform(Xs=x, batch_size=batch),
+            lambda y: plan.inverse_transform(Xt=y, batch_size=batch), time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------ figure
