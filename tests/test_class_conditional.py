@@ -66,7 +66,7 @@ def per_class_errors(model, n: int = 2000):
     return out
 
 
-@pytest.mark.slow  # ~20 s on a quiet 2-core machine (500 steps)
+@pytest.mark.slow  # trains 500 steps on 9000 points: tens of seconds or more
 def test_class_conditional_fit_recovers_each_class_map():
     for k, (forward, backward, moved) in enumerate(per_class_errors(fit(500, conditional=True))):
         print(f"class {k}: forward {forward:.2f} %, backward {backward:.2f} %")

@@ -90,7 +90,7 @@ def test_color_transfer_bad_argument_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # ~20 s on a quiet 2-core machine (300 NCF steps, POT on 500 pixels)
+@pytest.mark.slow  # 300 NCF steps, POT on 500 pixels, two 0.25 MP images mapped both ways
 def test_color_transfer_quick_run(tmp_path, no_network, capsys):
     pytest.importorskip("skimage")
     table = ct.main(["--quick", "--out", str(tmp_path)])
