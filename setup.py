@@ -33,6 +33,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.9"],
+        # examples/: bundled photographs and digits, and POT's baseline (never installed by default)
+        "examples": ["scikit-image>=0.19", "scikit-learn>=1.0", "POT>=0.9"],
     },
     entry_points={"console_scripts": ["ncf-fast = ncf_fast.cli:main"]},
 )
