@@ -255,12 +255,14 @@ class DistContext:
                 self._call("parameter broadcast", dist.broadcast, p.data, src=0)
 
     def sync_standardization(self, ncf):
-        """Rank 0's shift and scale on every rank (the model's coordinates must be one)."""
-        buf = torch.cat([ncf.shift.double(), torch.tensor([ncf.scale], dtype=torch.float64)])
+        """Rank 0's shifts and scale on every rank (the model's coordinates must be one)."""
+        buf = torch.cat([ncf.shift.double(), ncf.target_shift.double(),
+                         torch.tensor([ncf.scale], dtype=torch.float64)])
         buf = buf.to(self.device)
         self._call("standardisation broadcast", dist.broadcast, buf, src=0)
         buf = buf.cpu()
-        ncf.shift, ncf.scale = buf[:-1].clone(), float(buf[-1])
+        ncf.shift, ncf.target_shift = buf[:ncf.dim].clone(), buf[ncf.dim:-1].clone()
+        ncf.scale = float(buf[-1])
 
     def union_box(self, lo: torch.Tensor, hi: torch.Tensor):
         """The smallest box holding every rank's [lo, hi] (identical ranks: unchanged)."""

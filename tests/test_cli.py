@@ -170,8 +170,11 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
                    500, "--json", "--gpu", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    for key in ("l2_uvp_forward", "l2_uvp_backward", "energy_distance_forward", "cycle_error"):
+    for key in ("l2_uvp_forward", "l2_uvp_backward", "energy_distance_forward",
+                "energy_distance_backward", "cycle_error", "cycle_error_relative"):
         assert np.isfinite(out[key]), key
+    for key in ("heldout_energy_distance", "heldout_energy_distance_backward", "cycle_error_relative"):
+        assert np.isfinite(metrics[key]), key
     # a problem of another dimension is refused
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:3", "--gpu", "cpu",
                    cwd=tmp_path)
