@@ -607,9 +607,10 @@ def _train_and_finish(args, run_dir, run, ncf, trainer, data) -> int:
 
 
 def _rank_stream(trainer) -> dict:
-    """This rank's random stream and passive queue (CPU tensors), for the checkpoint."""
+    """This rank's random stream and passive queues (CPU tensors), for the checkpoint."""
     state = trainer.state_dict()
-    return {"generator": state["generator"], "passive": state["passive"]}
+    return {"generator": state["generator"], "passive": state["passive"],
+            "passive_backward": state["passive_backward"]}
 
 
 def _finish(args, run_dir, run, ncf, data):

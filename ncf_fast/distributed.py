@@ -339,7 +339,7 @@ class DistContext:
     def rank_trainer_state(self, state: dict, seed: int) -> dict:
         """The trainer state this rank resumes from.
 
-        A checkpoint written by the CLI holds every rank's stream and passive queue (``ranks``):
+        A checkpoint written by the CLI holds every rank's stream and passive queues (``ranks``):
         rank r takes entry r, so a resume with the same K continues exactly. A rank with no
         entry (more ranks than before, or a checkpoint of rank 0 alone) starts a fresh stream
         seeded from (seed, rank, step) and refills its queue; rank 0 falls back to the main one.
@@ -347,12 +347,13 @@ class DistContext:
         ranks = state.get("ranks") or []
         if self.rank < len(ranks):
             return {**state, "generator": ranks[self.rank]["generator"],
-                    "passive": ranks[self.rank]["passive"]}
+                    "passive": ranks[self.rank]["passive"],
+                    "passive_backward": ranks[self.rank].get("passive_backward", [])}
         if self.rank == 0:
             return state
         gen = torch.Generator(device=self.device)
         gen.manual_seed(rank_seed(seed, self.rank, int(state["step"])))
-        return {**state, "generator": gen.get_state(), "passive": []}
+        return {**state, "generator": gen.get_state(), "passive": [], "passive_backward": []}
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

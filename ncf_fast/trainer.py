@@ -28,12 +28,15 @@ _WITHIN_ROWS = 256
 # that beat 4096 at age 4 (softplus) on the 2-D pairs, in less time (README "Accuracy").
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "mmd_active": 512, "mmd_batch_size": 2048,
-            "passive_age": 1, "backward_weight": 0.0,
+            "passive_age": 1, "backward_weight": 1.0,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "mmd_active": 256, "mmd_batch_size": 2048,
-             "passive_age": 1, "backward_weight": 0.0,
+             "passive_age": 1, "backward_weight": 1.0,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
+# backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's.
+# Tied to the data only through L_HJ, it lagged the forward map on non-linear problems (README
+# "Accuracy", ConvexOT rows); the term costs about 1.5x per step.
 # passive_age: the passive pushed samples live in a queue of that many batches, one pushed afresh
 # per step, so the no-grad push costs mmd_batch_size / passive_age rows a step and a passive
 # sample is at most passive_age steps old. Stale samples are not harmless: in d = 8 (2048

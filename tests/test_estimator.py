@@ -222,3 +222,19 @@ def test_each_set_is_centred_for_the_quadratic_cost_only(cost, tmp_path):
     np.testing.assert_array_equal(loaded.target_shift, model.target_shift)
     np.testing.assert_array_equal(loaded.inverse(tgt), model.inverse(tgt))
     np.testing.assert_array_equal(loaded.potential(tgt, 0.5), model.potential(tgt, 0.5))
+
+
+@pytest.mark.parametrize("t_final", [1.0, 2.0])
+def test_maps_are_the_trained_pushes_in_data_units(t_final):
+    """transport/inverse are what training pushed and pulled (in the model's coordinates), for
+    any horizon: before, the maps dropped the factor t_f of T(x) = x + t_f grad h(p)."""
+    rng = np.random.default_rng(5)
+    src, tgt = rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) * 1.5 + 2.0
+    model = NCF(2, hidden=(16,), seed=0, device="cpu", dtype=torch.float64,
+                t_final=t_final).fit(src, tgt, **TINY)
+    x, y = torch.as_tensor(src[:20]), torch.as_tensor(tgt[:20])
+    with torch.no_grad():
+        pushed = model.target_shift + model.scale * model._push(model._standardize(x))
+        pulled = model.shift + model.scale * model._pull(model._standardize(y, t_final))
+    np.testing.assert_allclose(model.transport(src[:20]), pushed.numpy(), atol=1e-12)
+    np.testing.assert_allclose(model.inverse(tgt[:20]), pulled.numpy(), atol=1e-12)

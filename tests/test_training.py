@@ -131,8 +131,9 @@ def test_power_cost_training_moves_the_map():
 def test_translated_pair_backward_map_after_a_short_fit():
     """A linear map plus a translation of (4, 4), about 4 source spreads: before each set was
     centred on its own mean (one shared shift), 150 steps of this fit left the backward map at
-    565 % L2-UVP (forward 16 %); centred, 1.5 % (0.56 % forward). The bounds leave room for the
-    spread over model seeds, not for the old behaviour."""
+    565 % and 285 % L2-UVP (forward 16 %, 7.7 %; model seeds 0, 1); centred, with the backward
+    marginal term, model seeds 0-2 gave 0.84, 0.82, 1.01 % (forward 0.92, 0.99, 0.60 %). The
+    bounds leave room for that spread, not for the old behaviour."""
     prob = GaussianOT(2, seed=0, m0=np.zeros(2), m1=np.array([4.0, 4.0]))
     src, tgt = prob.sample_source(4000), prob.sample_target(4000)
     model = NCF(2, hidden=(32, 32), seed=0, device="cpu").fit(
@@ -141,6 +142,6 @@ def test_translated_pair_backward_map_after_a_short_fit():
     forward = l2_uvp(model.transport(x), prob.forward_map(x), y)
     backward = l2_uvp(model.inverse(y), prob.inverse_map(y), x)
     assert forward < 2.0, forward
-    assert backward < 5.0, backward
-    assert cycle_error_relative(model, x) < 5.0
+    assert backward < 2.0, backward
+    assert cycle_error_relative(model, x) < 2.0
     assert len(model.history["heldout_backward"]) == len(model.history["heldout"]) == 1
