@@ -392,8 +392,8 @@ class NCF:
 
     def potential(self, x, t=0.0):
         """u(x, t) in data units, shape (N,): scale^degree * u_model((x - shift(t)) / scale, t),
-        plus, when a translation m was removed (quadratic cost), v.x - t |v|^2 / 2 with
-        v = m / t_f: the solution of the same HJ equation whose characteristics move by m more.
+        plus, when a translation m was removed (quadratic cost), v.(x - shift) - t |v|^2 / 2
+        with v = m / t_f: the solution of the same HJ equation whose characteristics move by m more.
         """
         factor = self.scale ** (self.cost.degree or 0.0)
         velocity = (self.translation / self.t_final).to(self.device)
@@ -404,7 +404,8 @@ class NCF:
             xc = c.to(self.device, torch.float64)
             z = (xc - self.shift.to(self.device) - tc * self.t_final * velocity) / self.scale
             u = factor * self.model(z.to(self.dtype), tc.to(self.dtype)).double()
-            return u + xc @ velocity - 0.5 * tc.squeeze(1) * (velocity @ velocity)
+            # measured from the source's mean, so a shifted copy of the data gets the same u
+            return u + (xc - self.shift.to(self.device)) @ velocity - 0.5 * tc.squeeze(1) * (velocity @ velocity)
         return self._apply(x, "x", fn)
 
     # ---------------------------------------------------------------------- save/load
