@@ -692,9 +692,10 @@ def _disk_full_message(path: str, run_dir: str | None = None) -> str:
 
 
 def _rank_stream(trainer) -> dict:
-    """This rank's random stream and passive queue (CPU tensors), for the checkpoint."""
+    """This rank's random stream and passive queues (CPU tensors), for the checkpoint."""
     state = trainer.state_dict()
-    return {"generator": state["generator"], "passive": state["passive"]}
+    return {"generator": state["generator"], "passive": state["passive"],
+            "passive_backward": state["passive_backward"]}
 
 
 def _finish(args, run_dir, run, ncf, data):
@@ -720,7 +721,8 @@ def _finish(args, run_dir, run, ncf, data):
         truth_backward=problem.oracle.inverse_map(tgt) if exact else None)
     _info(args, f"trained {metrics['steps']} steps in {metrics['seconds']:.1f} s "
                 f"({metrics['steps_per_second']:.1f} steps/s); energy distance T#mu vs nu "
-                f"{metrics['energy_distance_forward']:.2e} (source vs target "
+                f"{metrics['energy_distance_forward']:.2e}, T^-1#nu vs mu "
+                f"{metrics['energy_distance_backward']:.2e} (source vs target "
                 f"{metrics['energy_distance_initial']:.2e}); cycle error {metrics['cycle_error']:.2e}"
           + (f"; L2-UVP forward {metrics['l2_uvp_forward']:.3g}%, backward "
              f"{metrics['l2_uvp_backward']:.3g}%" if "l2_uvp_forward" in metrics else "")
@@ -747,10 +749,13 @@ def _run_metrics(ncf, src, tgt, pushed, pulled, run) -> dict:
         "L_HJ_final": float(np.mean(hist["hj"][-tail:])) if hist["hj"] else None,
         "L_MMD_final": float(np.mean(hist["mmd"][-tail:])) if hist["mmd"] else None,
         "heldout_energy_distance": hist["heldout"][-1] if hist["heldout"] else None,
+        "heldout_energy_distance_backward": (hist["heldout_backward"][-1]
+                                             if hist.get("heldout_backward") else None),
         "energy_distance_initial": m.energy_distance(src[idx_s], tgt[idx_t]),
         "energy_distance_forward": m.energy_distance(pushed[idx_s], tgt[idx_t]),
         "energy_distance_backward": m.energy_distance(pulled[idx_t], src[idx_s]),
         "cycle_error": m.cycle_error(ncf, src[idx_s]),
+        "cycle_error_relative": m.cycle_error_relative(ncf, src[idx_s]),
         "mean_displacement": float(np.linalg.norm(pushed - src, axis=1).mean()),
         "samples_for_metrics": int(min(METRIC_SAMPLES, src.shape[0], tgt.shape[0])),
         "device": str(ncf.device),
@@ -939,12 +944,13 @@ def cmd_evaluate(args) -> int:
     out["energy_distance_backward"] = m.energy_distance(qs, xs)
     out["energy_distance_initial"] = m.energy_distance(xs, ys)
     out["cycle_error"] = m.cycle_error(ncf, xs)
+    out["cycle_error_relative"] = m.cycle_error_relative(ncf, xs)
     if args.json:
         print(json.dumps(out, indent=2))
     elif args.quiet:
         width = max(len(k) for k in out)
         for k, v in out.items():
-            unit = " %" if k.startswith("l2_uvp") else ""
+            unit = " %" if k.startswith("l2_uvp") or k == "cycle_error_relative" else ""
             print(f"{k:<{width}}  {v:.4g}{unit}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     else:
         print(evaluation_report(out, xs, ys, ncf.dim, problem.title if problem else source_name))

@@ -117,6 +117,9 @@ KEYS: tuple[Key, ...] = (
     Key("train.mmd_weight", _TC.mmd_weight, "float",
         f"lambda in L = L_HJ + lambda L_MMD; null: {_by_dim('mmd_weight')}", minimum=0,
         nullable=True),
+    Key("train.backward_weight", _TC.backward_weight, "float",
+        f"weight of the backward map's term ED(T^-1#nu, mu) beside L_MMD; null: "
+        f"{_by_dim('backward_weight')}", minimum=0, nullable=True),
     *(Key(f"train.collocation.{k}", None, "float",
           f"weight of {k} points in the collocation mixture; null: {_by_dim('collocation', k)}",
           minimum=0, nullable=True) for k in _COLLOCATION),

@@ -255,12 +255,14 @@ class DistContext:
                 self._call("parameter broadcast", dist.broadcast, p.data, src=0)
 
     def sync_standardization(self, ncf):
-        """Rank 0's shift and scale on every rank (the model's coordinates must be one)."""
-        buf = torch.cat([ncf.shift.double(), torch.tensor([ncf.scale], dtype=torch.float64)])
+        """Rank 0's shifts and scale on every rank (the model's coordinates must be one)."""
+        buf = torch.cat([ncf.shift.double(), ncf.target_shift.double(),
+                         torch.tensor([ncf.scale], dtype=torch.float64)])
         buf = buf.to(self.device)
         self._call("standardisation broadcast", dist.broadcast, buf, src=0)
         buf = buf.cpu()
-        ncf.shift, ncf.scale = buf[:-1].clone(), float(buf[-1])
+        ncf.shift, ncf.target_shift = buf[:ncf.dim].clone(), buf[ncf.dim:-1].clone()
+        ncf.scale = float(buf[-1])
 
     def union_box(self, lo: torch.Tensor, hi: torch.Tensor):
         """The smallest box holding every rank's [lo, hi] (identical ranks: unchanged)."""
@@ -338,7 +340,7 @@ class DistContext:
     def rank_trainer_state(self, state: dict, seed: int) -> dict:
         """The trainer state this rank resumes from.
 
-        A checkpoint written by the CLI holds every rank's stream and passive queue (``ranks``):
+        A checkpoint written by the CLI holds every rank's stream and passive queues (``ranks``):
         rank r takes entry r, so a resume with the same K continues exactly. A rank with no
         entry (more ranks than before, or a checkpoint of rank 0 alone) starts a fresh stream
         seeded from (seed, rank, step) and refills its queue; rank 0 falls back to the main one.
@@ -346,12 +348,13 @@ class DistContext:
         ranks = state.get("ranks") or []
         if self.rank < len(ranks):
             return {**state, "generator": ranks[self.rank]["generator"],
-                    "passive": ranks[self.rank]["passive"]}
+                    "passive": ranks[self.rank]["passive"],
+                    "passive_backward": ranks[self.rank].get("passive_backward", [])}
         if self.rank == 0:
             return state
         gen = torch.Generator(device=self.device)
         gen.manual_seed(rank_seed(seed, self.rank, int(state["step"])))
-        return {**state, "generator": gen.get_state(), "passive": []}
+        return {**state, "generator": gen.get_state(), "passive": [], "passive_backward": []}
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

@@ -127,7 +127,8 @@ class NCF:
                                              what="energy_backend")
         backends.check(backend, "mlp", self.dtype, dim, self.model.hidden, self.cost)
         self.dim = dim
-        self.shift = torch.zeros(dim, dtype=torch.float64)
+        self.shift = torch.zeros(dim, dtype=torch.float64)  # removed from the source side (t = 0)
+        self.target_shift = self.shift.clone()  # removed from the target side (t = t_f)
         self.scale = 1.0
         self.history = new_history()
         self.train_config: TrainConfig | None = None
@@ -152,31 +153,60 @@ class NCF:
                 f"backend={c['backend']!r}, energy_backend={c['energy_backend']!r})")
 
     # ------------------------------------------------------------------- coordinates
-    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """Data units -> the model's coordinates (x - shift) / scale, on the model's device."""
-        shift = self.shift.to(self.device, self.dtype)
+    @property
+    def translation(self) -> torch.Tensor:
+        """m = target_shift - shift: the part of the map removed before fitting, (d,) float64."""
+        return self.target_shift - self.shift
+
+    def _shift_at(self, t) -> torch.Tensor:
+        """The shift removed at time t (a number): shift + (t / t_f) m, moving with the translation."""
+        return self.shift + (float(t) / self.t_final) * self.translation
+
+    def _standardize(self, x: torch.Tensor, t=0.0) -> torch.Tensor:
+        """Data units -> the model's coordinates (x - shift(t)) / scale at time t (0: source side,
+        t_f: target side), on the model's device."""
+        shift = self._shift_at(t).to(self.device, self.dtype)
         return (x.to(self.device, self.dtype) - shift) / self.scale
 
-    def _set_standardization(self, source: np.ndarray, target: np.ndarray):
-        """One shared shift (midpoint of the means) and ONE isotropic scale for both sets.
+    @staticmethod
+    def centres_each_set(cost) -> bool:
+        """True for the quadratic cost: there the OT map between measures translated by a and b is
+        the map between the untranslated ones plus the shifts, T(x) = T_0(x - a) + b (the cost's
+        cross term -2 x.y changes by a linear term whose integral no coupling can change). For
+        another translation-invariant cost only a common shift a = b is exact."""
+        return isinstance(cost, costs_mod.Quadratic) or (
+            isinstance(cost, costs_mod.Power) and cost.degree == 2.0)
 
-        scale^2 = (E|x - c|^2 + E|y - c|^2) / (2d). A per-axis scale would change the cost and
-        hence the map; costs that are not homogeneous (degree None) are only shifted.
+    def _set_standardization(self, source: np.ndarray, target: np.ndarray):
+        """Shifts and ONE isotropic scale for both sets.
+
+        Quadratic cost: each set is centred on its own mean (exact, see :meth:`centres_each_set`)
+        and the translation m between the means is added back to the maps. Other costs: one
+        shared shift, the midpoint of the means. scale^2 = (E|x - a|^2 + E|y - b|^2) / (2d) around
+        the shifts a, b removed. A per-axis scale would change the cost and hence the map; costs
+        that are not homogeneous (degree None) are only shifted.
         """
         mean_s, mean_t = source.mean(0), target.mean(0)
-        center = 0.5 * (mean_s + mean_t)
-        self.shift = torch.as_tensor(center, dtype=torch.float64)
+        if not self.centres_each_set(self.cost):
+            mean_s = mean_t = 0.5 * (mean_s + mean_t)
+        self.shift = torch.as_tensor(mean_s, dtype=torch.float64)
+        self.target_shift = torch.as_tensor(mean_t, dtype=torch.float64)
         if self.cost.degree is None:
             self.scale = 1.0
             return
-        spread = (((source - center) ** 2).sum(1).mean() + ((target - center) ** 2).sum(1).mean())
+        spread = (((source - mean_s) ** 2).sum(1).mean() + ((target - mean_t) ** 2).sum(1).mean())
         scale = float(np.sqrt(spread / (2 * self.dim)))
         self.scale = scale if scale > 0 else 1.0
 
     def _push(self, x_std: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        """Forward map in standardised coordinates."""
+        """Forward map in standardised coordinates (source side -> target side)."""
         _, p = self.model.value_and_grad(x_std, 0.0, create_graph=create_graph)
         return x_std + self.t_final * self.cost.grad_h(p)
+
+    def _pull(self, y_std: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """Backward map in standardised coordinates (target side -> source side)."""
+        _, p = self.model.value_and_grad(y_std, self.t_final, create_graph=create_graph)
+        return y_std - self.t_final * self.cost.grad_h(p)
 
     # ------------------------------------------------------------------------ fitting
     def _sample_set(self, data, labels, name):
@@ -283,11 +313,14 @@ class NCF:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed)
 
-        def std(x):
+        def std_source(x):
             return self._standardize(torch.as_tensor(x))
 
+        def std_target(x):
+            return self._standardize(torch.as_tensor(x), self.t_final)
+
         sets, held = [], []
-        for data, lab in ((src, src_lab), (tgt, tgt_lab)):
+        for data, lab, std in ((src, src_lab, std_source), (tgt, tgt_lab, std_target)):
             if callable(data) and not isinstance(data, (np.ndarray, torch.Tensor)):
                 sets.append(SampleSet(sampler=data, standardize=std))
                 held.append((std(data(config.holdout or 1024)), None))
@@ -304,7 +337,7 @@ class NCF:
             else:  # too few samples to spare (or a class would be missing): check on training samples
                 held.append((x, labels))
             sets.append(SampleSet(data=x, labels=labels))
-        both = torch.cat([std(src_np), std(tgt_np)])
+        both = torch.cat([std_source(src_np), std_target(tgt_np)])
         lo, hi = both.min(0).values, both.max(0).values
         if ctx is not None:  # the held-out split above is the same on every rank; the draws not
             ctx.seed_rank_stream(generator, self.seed)
@@ -353,9 +386,11 @@ class NCF:
         return out.numpy() if is_numpy else out
 
     def _displacement(self, x_chunk, t):
-        """t_f grad h(grad_x u(x', t)) in data units: s * t_f grad h(p)."""
-        _, p = self.model.value_and_grad(self._standardize(x_chunk), t)
-        return self.scale * self.cost.grad_h(p).double()
+        """The displacement T(x) - x of the characteristic through (x, t), in data units:
+        scale * t_f grad h(p) + m, p = grad_x u(x', t) at the model's coordinates x' of time t."""
+        _, p = self.model.value_and_grad(self._standardize(x_chunk, t), t)
+        return (self.scale * self.t_final * self.cost.grad_h(p).double()
+                + self.translation.to(p.device))
 
     def transport(self, x):
         """Forward map T(x) = x + t_f grad h(grad_x u(x, 0)): (N, d) -> (N, d)."""
@@ -388,14 +423,21 @@ class NCF:
         return self._apply(x, "x", fn)
 
     def potential(self, x, t=0.0):
-        """u(x, t) in data units: scale^degree * u_model((x - shift) / scale, t); shape (N,)."""
+        """u(x, t) in data units, shape (N,): scale^degree * u_model((x - shift(t)) / scale, t),
+        plus, when a translation m was removed (quadratic cost), v.(x - shift) - t |v|^2 / 2
+        with v = m / t_f: the solution of the same HJ equation whose characteristics move by m more.
+        """
         factor = self.scale ** (self.cost.degree or 0.0)
+        velocity = (self.translation / self.t_final).to(self.device)
 
         def fn(c, rows):
-            tc = t
-            if isinstance(t, (np.ndarray, torch.Tensor)) and np.ndim(t) == 1:
-                tc = torch.as_tensor(t)[rows].to(self.device, self.dtype)
-            return factor * self.model(self._standardize(c), tc).double()
+            tc = torch.as_tensor(t, dtype=torch.float64)
+            tc = (tc[rows] if tc.dim() == 1 else tc.expand(c.shape[0])).to(self.device).reshape(-1, 1)
+            xc = c.to(self.device, torch.float64)
+            z = (xc - self.shift.to(self.device) - tc * self.t_final * velocity) / self.scale
+            u = factor * self.model(z.to(self.dtype), tc.to(self.dtype)).double()
+            # measured from the source's mean, so a shifted copy of the data gets the same u
+            return u + (xc - self.shift.to(self.device)) @ velocity - 0.5 * tc.squeeze(1) * (velocity @ velocity)
         return self._apply(x, "x", fn)
 
     # ---------------------------------------------------------------------- save/load
@@ -408,7 +450,8 @@ class NCF:
         from . import __version__
         ckpt = {"format": FORMAT, "version": __version__, "config": self.config,
                 "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "shift": self.shift.clone(), "scale": float(self.scale),
+                "shift": self.shift.clone(), "target_shift": self.target_shift.clone(),
+                "scale": float(self.scale),
                 "history": {k: (list(v) if isinstance(v, list) else v) for k, v in self.history.items()}}
         if include_trainer:
             if self.trainer is None:
@@ -446,6 +489,9 @@ class NCF:
             if bad:
                 raise ValueError(f"weight {bad[0]} holds NaN or Inf values")
             ncf.shift = torch.as_tensor(ckpt["shift"], dtype=torch.float64).reshape(ncf.dim)
+            # checkpoints from before per-set centring have one shift for both sides
+            ncf.target_shift = torch.as_tensor(ckpt.get("target_shift", ncf.shift),
+                                               dtype=torch.float64).reshape(ncf.dim)
             ncf.scale = float(ckpt["scale"])
             if not (math.isfinite(ncf.scale) and ncf.scale > 0 and bool(ncf.shift.isfinite().all())):
                 raise ValueError(f"standardisation shift {ncf.shift.tolist()}, scale {ncf.scale!r}: "

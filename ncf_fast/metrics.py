@@ -9,7 +9,7 @@ import torch
 
 from .energy import energy_distance as _energy_distance
 
-__all__ = ["l2_uvp", "energy_distance", "w2_exact", "cycle_error"]
+__all__ = ["l2_uvp", "energy_distance", "w2_exact", "cycle_error", "cycle_error_relative"]
 
 
 def _np(x, name) -> np.ndarray:
@@ -88,3 +88,16 @@ def cycle_error(model, x) -> float:
     back = model.inverse(model.transport(x))
     diff = _np(back, "T^-1(T(x))") - _np(x, "x")
     return float(np.linalg.norm(diff, axis=1).mean())
+
+
+def cycle_error_relative(model, x) -> float:
+    """100 E|T^-1(T(x)) - x|^2 / Var(x) over the rows of x (%, Var = trace of the covariance).
+
+    The cycle error on L2-UVP's scale: the squared round-trip error of a fitted
+    :class:`ncf_fast.NCF` relative to the variance of the samples ``x`` (N >= 2, the source's).
+    """
+    xs = _np(x, "x")
+    if xs.shape[0] < 2:
+        raise ValueError(f"cycle_error_relative needs at least 2 rows, got {xs.shape[0]}")
+    back = _np(model.inverse(model.transport(x)), "T^-1(T(x))")
+    return float(100.0 * ((back - xs) ** 2).sum(1).mean() / xs.var(axis=0, ddof=1).sum())

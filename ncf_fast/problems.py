@@ -5,13 +5,18 @@ with Q random orthogonal and log lambda uniform in [-ln 2, ln 2]. For the quadra
 t_f = 1 the OT map is affine, T*(x) = m1 + Gamma (x - m0),
 Gamma = S0^(-1/2) (S0^(1/2) S1 S0^(1/2))^(1/2) S0^(-1/2), and the HJ potential is known in closed
 form for every t in [0, 1].
+
+:class:`ConvexOT` has a known non-linear map with a translation: a Gaussian-mixture source pushed
+by T = grad phi + m, phi(x) = |x|^2 / 2 + sum_k a_k softplus(w_k . x + b_k), a_k >= 0. phi is
+strongly convex (Hessian >= I), so by Brenier's theorem T is THE quadratic-cost OT map from the
+source to its push-forward, and T^-1 is a strongly convex minimisation (Newton).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["GaussianOT", "toy", "TOYS"]
+__all__ = ["GaussianOT", "ConvexOT", "toy", "TOYS"]
 
 
 def _sqrtm_spd(a: np.ndarray) -> np.ndarray:
@@ -127,6 +132,140 @@ class GaussianOT:
             p = x0 @ a + b
             out[rows] = 0.5 * np.einsum("ij,ij->i", x0 @ a, x0) + x0 @ b + 0.5 * tv * (p * p).sum(1)
         return _like(out, x)
+
+
+SHARPNESS = 4.0  # ridges bend within about a quarter of a source spread
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def _softplus(z: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, z)
+
+
+class ConvexOT:
+    """Quadratic-cost OT with a known non-linear map and a translation (a Brenier map).
+
+    Source mu: an equal-weight mixture of ``modes`` Gaussians (means ~ N(0, I), covariances
+    0.3 * the GaussianOT SPD draws). Map T(x) = grad phi(x) + m with
+
+        phi(x) = |x|^2 / 2 + sum_k a_k softplus(w_k . x + b_k),   k = 1..ridges, a_k >= 0,
+
+    w_k = sharpness * unit direction / spread, b_k = sharpness * U(-1, 1) - w_k . (mixture centre),
+    a_k = strength * spread^2 / sharpness * U(0.5, 1.5), and m a
+    random direction times ``shift`` source spreads (spread = sqrt(Var(mu) / d)). Target nu = T#mu.
+    How non-linear an instance is: :meth:`affine_uvp` (L2-UVP of the best affine map).
+
+    Args:
+        dim: dimension d.
+        seed: seeds the instance and the samplers.
+        shift: length of the mean shift m, in source spreads (0: no translation).
+        strength: scales every a_k (0: T is the translation x + m).
+        sharpness: |w_k| in inverse source spreads: how sharply each ridge bends the map.
+        ridges: number of softplus terms (default 2 d).
+        modes: Gaussian components of the source.
+    """
+
+    def __init__(self, dim: int, seed: int | None = None, shift: float = 3.0, strength: float = 1.0,
+                 sharpness: float = SHARPNESS, ridges: int | None = None, modes: int = 3):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        for name, v in (("shift", shift), ("strength", strength), ("sharpness", sharpness)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if not sharpness > 0:
+            raise ValueError("sharpness must be positive")
+        ridges = 2 * dim if ridges is None else ridges
+        for name, v in (("ridges", ridges), ("modes", modes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.means = rng.standard_normal((modes, dim))
+        self._chols = np.stack([np.linalg.cholesky(0.3 * _random_spd(dim, rng)) for _ in range(modes)])
+        covs = self._chols @ self._chols.transpose(0, 2, 1)
+        center = self.means.mean(0)
+        var = float(np.trace(covs.mean(0)) + ((self.means - center) ** 2).sum(1).mean())
+        spread = np.sqrt(var / dim)
+        w = rng.standard_normal((ridges, dim))
+        self.w = sharpness * w / np.linalg.norm(w, axis=1, keepdims=True) / spread
+        # b_k offsets from the ridge's projection of the centre: every bend cuts through the data
+        self.b = sharpness * rng.uniform(-1.0, 1.0, ridges) - self.w @ center
+        # a_k |w_k| ~ spread: each ridge moves points by up to about one source spread
+        self.a = strength * spread ** 2 / sharpness * rng.uniform(0.5, 1.5, ridges)
+        direction = rng.standard_normal(dim)
+        self.m = shift * spread * direction / np.linalg.norm(direction)
+        self._rng = np.random.default_rng(None if seed is None else seed + 1)
+        self._affine = None
+
+    def sample_source(self, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """n samples of the Gaussian mixture mu, float64 (n, d) (from ``rng``, default the
+        problem's stream)."""
+        rng = self._rng if rng is None else rng
+        k = rng.integers(0, self.means.shape[0], n)
+        z = rng.standard_normal((n, self.dim))
+        return self.means[k] + np.einsum("nij,nj->ni", self._chols[k], z)
+
+    def sample_target(self, n: int) -> np.ndarray:
+        """n samples of nu = T#mu, float64 (n, d)."""
+        return self.forward_map(self.sample_source(n))
+
+    def potential(self, x) -> np.ndarray:
+        """phi(x) (without the translation's m . x), (N,)."""
+        xn = _to_numpy(x)
+        return _like(0.5 * (xn * xn).sum(1) + _softplus(xn @ self.w.T + self.b) @ self.a, x)
+
+    def _grad_phi(self, x: np.ndarray) -> np.ndarray:
+        return x + (_sigmoid(x @ self.w.T + self.b) * self.a) @ self.w
+
+    def forward_map(self, x):
+        """T(x) = grad phi(x) + m; numpy or torch in, same out."""
+        return _like(self._grad_phi(_to_numpy(x)) + self.m, x)
+
+    def inverse_map(self, y, tol: float = 1e-12, max_iter: int = 100):
+        """T^-1(y): the minimiser of phi(x) - (y - m) . x, by Newton's method with backtracking.
+
+        The objective is strongly convex (Hessian I + sum_k a_k s'(z_k) w_k w_k^T >= I), so the
+        damped Newton iteration converges from any start; it stops when every row's step is
+        below ``tol`` (relative to 1 + |x|). Raises RuntimeError if it does not within max_iter.
+        """
+        yn = _to_numpy(y) - self.m
+        x = yn.copy()
+
+        def objective(v):
+            return 0.5 * (v * v).sum(1) + _softplus(v @ self.w.T + self.b) @ self.a - (yn * v).sum(1)
+
+        for _ in range(max_iter):
+            z = x @ self.w.T + self.b
+            s = _sigmoid(z)
+            grad = x + (s * self.a) @ self.w - yn
+            hess = np.eye(self.dim) + np.einsum("nk,ki,kj->nij", s * (1 - s) * self.a, self.w, self.w)
+            step = np.linalg.solve(hess, grad[..., None])[..., 0]
+            f0, lr = objective(x), np.ones(x.shape[0])
+            for _ in range(30):  # halve where the full step does not decrease the objective
+                worse = objective(x - lr[:, None] * step) > f0 + 1e-14 * (1 + np.abs(f0))
+                if not worse.any():
+                    break
+                lr[worse] *= 0.5
+            x = x - lr[:, None] * step
+            if np.abs(lr[:, None] * step).max(1).max(initial=0.0) <= tol * (1 + np.abs(x).max(initial=0.0)):
+                return _like(x, y)
+        raise RuntimeError(f"ConvexOT.inverse_map: Newton did not converge in {max_iter} iterations")
+
+    def affine_uvp(self, n: int = 50_000) -> tuple[float, float]:
+        """(forward, backward) L2-UVP % of the best affine maps (least squares on n fresh pairs):
+        how far the instance is from the affine maps a Gaussian fit would give."""
+        if self._affine is None:
+            x = self.sample_source(n, np.random.default_rng(12345))  # the same pairs every call
+            y = self.forward_map(x)
+
+            def uvp(a, b):  # best affine fit of b on a, relative to Var(b's measure)
+                design = np.hstack([a, np.ones((n, 1))])
+                coef, *_ = np.linalg.lstsq(design, b, rcond=None)
+                return float(100 * ((design @ coef - b) ** 2).sum(1).mean() / b.var(0, ddof=1).sum())
+            self._affine = (uvp(x, y), uvp(y, x))
+        return self._affine
 
 
 def _eight_gaussians(n, rng):

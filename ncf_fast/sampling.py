@@ -9,7 +9,9 @@ rho (*ours*, configurable by weights) mixes
     characteristics at their time t, from source samples x and their pushes T(x) (which the
     trainer has already computed, without gradient, for the energy distance); L_HJ there ties
     u(., t) to u(., 0) exactly along the lines the maps follow, up to t_f where the backward map
-    is read. Without pushes (the U-statistic estimator) these points fall back to "path".
+    is read. With the backward marginal term on, the lines from pulled targets T^-1(y) to y are
+    drawn from too, which covers t near t_f on the target side. Without pushes (the U-statistic
+    estimator) these points fall back to "path".
   - a small share uniform in the data's bounding box widened by a margin.
 The backward map is tied to the target only through L_HJ, so rho must cover the target.
 """

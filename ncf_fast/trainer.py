@@ -35,12 +35,15 @@ _WITHIN_ROWS = 256
 # that beat 4096 at age 4 (softplus) on the 2-D pairs, in less time (README "Accuracy").
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
-            "mmd_batch_size": 2048, "passive_age": 1,
+            "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "batch_size": 512, "mmd_active": 256,
-             "mmd_batch_size": 2048, "passive_age": 1,
+             "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
+# backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's.
+# Tied to the data only through L_HJ, it lagged the forward map on non-linear problems (README
+# "Accuracy", ConvexOT rows); the term costs about 1.5x per step.
 # passive_age: the passive pushed samples live in a queue of that many batches, one pushed afresh
 # per step, so the no-grad push costs mmd_batch_size / passive_age rows a step and a passive
 # sample is at most passive_age steps old. Stale samples are not harmless: in d = 8 (2048
@@ -87,7 +90,9 @@ class TrainConfig:
     lr: peak Adam learning rate; lr_final: the cosine schedule's end value; warmup: linear
     warm-up steps. lr_schedule: "cosine" (decay to lr_final) or "step" (lr * lr_factor every
     lr_interval steps, the research code's Step schedule). weight_decay: Adam's L2 penalty.
-    mmd_weight: lambda. collocation: mixture weights of rho
+    mmd_weight: lambda. backward_weight: weight of the backward map's marginal
+    term ED(T^-1#nu, mu) relative to the forward one's (0: the backward map is tied to the data
+    only through L_HJ); it has its own active (mmd_active) and passive sets. collocation: mixture weights of rho
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
@@ -108,6 +113,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     weight_decay: float = 0.0
     mmd_weight: float | None = None
+    backward_weight: float | None = None
     collocation: dict | None = None
     box_margin: float = 0.1
     eval_every: int = 250
@@ -145,7 +151,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "mmd_batch_size", "passive_age", "lr", "eval_every"):
             if given(name) and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr_final", "warmup", "mmd_weight", "box_margin", "holdout"):
+        for name in ("lr_final", "warmup", "mmd_weight", "backward_weight", "box_margin", "holdout"):
             if given(name) and (getattr(self, name) < 0 or not math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_interval < 1 or not 0 < self.lr_factor < math.inf:
@@ -211,45 +217,70 @@ class Trainer:
         self.labelled = source.labels is not None
         self._segment_cache: dict = {}  # see _segments
         self.passive: list = []  # queue of (pushed samples, labels or None), newest last
+        self.passive_back: list = []  # the same for the backward term: (pulled targets, labels)
         self.dist = None  # a DistContext under a multi-process launch (see ncf_fast.distributed)
 
     def losses(self):
-        """(L_HJ, L_MMD) on a fresh batch, differentiable in the parameters."""
+        """(L_HJ, L_MMD, L_MMD of the backward map or None) on a fresh batch, differentiable in
+        the parameters. The backward term ED(T^-1#nu, mu) (config.backward_weight > 0) mirrors
+        the forward one: pulled target samples against source samples, its own passive queue."""
         cfg, ncf, gen = self.config, self.ncf, self.generator
-        backend = cfg.energy_backend or ncf.energy_backend
+        back = cfg.backward_weight > 0
         if cfg.mmd_active == 0:  # plain U-statistic: every pushed sample carries the gradient
             xs, ls = self.source.draw(cfg.mmd_batch_size, gen)
             yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
             l_hj = self._hj_loss(xs, yt)
-            pushed = ncf._push(xs, create_graph=True)
-            if self.dist is not None:  # this rank's rows of the union's U-statistic
-                return l_hj, self.dist.energy_distance(pushed, yt, ls, lt, backend)
-            if self.labelled:
-                return l_hj, segmented_energy_distance(
-                    pushed, yt, self._segments(ls, cfg.mmd_batch_size),
-                    self._segments(lt, cfg.mmd_batch_size), backend)
-            return l_hj, energy_distance(pushed, yt, backend)
+            l_mmd = self._energy(ncf._push(xs, create_graph=True), yt, ls, lt)
+            l_back = self._energy(ncf._pull(yt, create_graph=True), xs, lt, ls) if back else None
+            return l_hj, l_mmd, l_back
         xa, la = self.source.draw(cfg.mmd_active, gen)
-        fresh, pushed = self._refresh_passive()
+        fresh, pushed = self._refresh_passive(self.passive, self.source, ncf._push)
         yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
-        l_hj = self._hj_loss(torch.cat((xa, fresh)), yt, (fresh, pushed))
-        active = ncf._push(xa, create_graph=True)
-        passive = torch.cat([p for p, _ in self.passive])
-        lp = torch.cat([lab for _, lab in self.passive]) if self.labelled else None
+        lines = (fresh, pushed)  # characteristics (start at t = 0, end at t_f) for rho
+        if back:
+            ya, lya = self.target.draw(cfg.mmd_active, gen)
+            fresh_t, pulled = self._refresh_passive(self.passive_back, self.target, ncf._pull)
+            xs, ls = self.source.draw(cfg.mmd_batch_size, gen)
+            lines = (torch.cat((fresh, pulled)), torch.cat((pushed, fresh_t)))
+        l_hj = self._hj_loss(torch.cat((xa, fresh)), yt, lines)
+        l_mmd = self._witness(ncf._push(xa, create_graph=True), la, self.passive, yt, lt)
+        l_back = (self._witness(ncf._pull(ya, create_graph=True), lya, self.passive_back, xs, ls)
+                  if back else None)
+        return l_hj, l_mmd, l_back
+
+    def _energy_backend(self) -> str:
+        return self.config.energy_backend or self.ncf.energy_backend
+
+    def _energy(self, moved, other, labels_moved, labels_other):
+        """Energy distance of mapped samples (all carrying the gradient) to the other side's."""
+        backend, rows = self._energy_backend(), self.config.mmd_batch_size
+        if self.dist is not None:  # this rank's rows of the union's U-statistic
+            return self.dist.energy_distance(moved, other, labels_moved, labels_other, backend)
+        if self.labelled:
+            return segmented_energy_distance(moved, other, self._segments(labels_moved, rows),
+                                             self._segments(labels_other, rows), backend)
+        return energy_distance(moved, other, backend)
+
+    def _witness(self, active, labels_active, queue, other, labels_other):
+        """Witness energy distance of active mapped samples, with the passive ``queue``."""
+        cfg, backend = self.config, self._energy_backend()
+        passive = torch.cat([p for p, _ in queue])
+        lp = torch.cat([lab for _, lab in queue]) if self.labelled else None
         if self.dist is not None:  # every rank's passive samples and targets (no gradient)
-            passive, yt, lp, lt = self.dist.gather_rows(passive, yt, lp, lt)
+            passive, other, lp, labels_other = self.dist.gather_rows(passive, other, lp, labels_other)
             if self.labelled:
-                return l_hj, class_conditional_witness_energy_distance(
-                    active, passive, yt, la, lp, lt, within_rows=_WITHIN_ROWS, backend=backend)
+                return class_conditional_witness_energy_distance(
+                    active, passive, other, labels_active, lp, labels_other,
+                    within_rows=_WITHIN_ROWS, backend=backend)
         if self.labelled:
             per_batch = -(-cfg.mmd_batch_size // cfg.passive_age)
-            segs = (self._segments(la, cfg.mmd_active),
-                    self._segments(lp, per_batch, len(self.passive)),
-                    self._segments(lt, cfg.mmd_batch_size))
-            return l_hj, segmented_witness_energy_distance(
-                active, passive, yt, *segs, within_rows=_WITHIN_ROWS, backend=backend)
-        return l_hj, witness_energy_distance(active, passive, yt, within_rows=_WITHIN_ROWS,
-                                             backend=backend)
+            segs = (self._segments(labels_active, cfg.mmd_active),
+                    self._segments(lp, per_batch, len(queue)),
+                    self._segments(labels_other, cfg.mmd_batch_size))
+            return segmented_witness_energy_distance(
+                active, passive, other, *segs, within_rows=_WITHIN_ROWS, backend=backend)
+        return witness_energy_distance(active, passive, other, within_rows=_WITHIN_ROWS,
+                                       backend=backend)
 
     def _segments(self, labels: torch.Tensor, drawn: int, batches: int = 1) -> ClassSegments:
         """Where each class sits in ``batches`` concatenated stratified draws of ``drawn`` rows
@@ -277,21 +308,21 @@ class Trainer:
         r = hj_residual(self.model, xc, tc, self.ncf.cost, self.ncf.t_final)
         return (r * r).mean()
 
-    def _refresh_passive(self) -> tuple:
-        """Push one fresh batch of source samples (no gradient) into the passive queue (filling
-        it on the first step); return the fresh source samples and their pushes (for the
-        collocation points)."""
+    def _refresh_passive(self, queue: list, samples: SampleSet, mapping) -> tuple:
+        """Map one fresh batch of ``samples`` (no gradient) into the passive ``queue`` (filling
+        it on the first step); return the fresh samples and their images (for the collocation
+        points)."""
         age = self.config.passive_age
         per_batch = -(-self.config.mmd_batch_size // age)
-        fills = age if not self.passive else 1
+        fills = age if not queue else 1
         drawn = []
         for _ in range(fills):
-            x, lab = self.source.draw(per_batch, self.generator)
+            x, lab = samples.draw(per_batch, self.generator)
             with torch.no_grad():
-                self.passive.append((self.ncf._push(x), lab))
+                queue.append((mapping(x), lab))
             drawn.append(x)
-        del self.passive[:-age]
-        return torch.cat(drawn), torch.cat([p for p, _ in self.passive[-fills:]])
+        del queue[:-age]
+        return torch.cat(drawn), torch.cat([p for p, _ in queue[-fills:]])
 
     def step(self):
         """One Adam step; returns detached (L_HJ, L_MMD, lr)."""
@@ -299,8 +330,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        l_hj, l_mmd = self.losses()
-        (l_hj + self.config.mmd_weight * l_mmd).backward()
+        l_hj, l_mmd, l_back = self.losses()
+        marginal = l_mmd if l_back is None else l_mmd + self.config.backward_weight * l_back
+        (l_hj + self.config.mmd_weight * marginal).backward()
         if self.dist is not None:  # DDP semantics: the mean gradient (and losses) over ranks
             l_hj, l_mmd = self.dist.average_gradients(self.model, l_hj, l_mmd)
         self.optimizer.step()
@@ -308,15 +340,18 @@ class Trainer:
         return l_hj.detach(), l_mmd.detach(), lr
 
     @torch.no_grad()
-    def heldout_distance(self) -> float:
-        """Energy distance between T(held-out source) and the held-out target, in data units."""
+    def heldout_distance(self, backward: bool = False) -> float:
+        """Energy distance between T(held-out source) and the held-out target (``backward``:
+        between T^-1(held-out target) and the held-out source), in data units."""
         xs, yt, ls, lt = self.holdout
-        pushed = self.ncf._push(xs)
-        backend = self.config.energy_backend or self.ncf.energy_backend
+        if backward:
+            xs, yt, ls, lt = yt, xs, lt, ls
+        moved = self.ncf._pull(xs) if backward else self.ncf._push(xs)
+        backend = self._energy_backend()
         if ls is not None:
-            value = class_conditional_energy_distance(pushed, yt, ls, lt, backend)
+            value = class_conditional_energy_distance(moved, yt, ls, lt, backend)
         else:
-            value = energy_distance(pushed, yt, backend)
+            value = energy_distance(moved, yt, backend)
         return float(value) * self.ncf.scale
 
     def run(self, progress: bool = True, callback=None, history=None) -> dict:
@@ -355,8 +390,10 @@ class Trainer:
                             "mmd": history["mmd"][-1], "lr": lr}
                 if at_check:
                     logs["heldout"] = self.heldout_distance()
+                    logs["heldout_backward"] = self.heldout_distance(backward=True)
                     history["heldout_step"].append(self.step_count)
                     history["heldout"].append(logs["heldout"])
+                    history.setdefault("heldout_backward", []).append(logs["heldout_backward"])
                 if logs is not None:  # the last held-out value stays on the bar until the next
                     last = {"heldout": history["heldout"][-1]} if history["heldout"] else {}
                     bar.set_postfix(progress_fields({**last, **logs}), refresh=False)
@@ -378,7 +415,9 @@ class Trainer:
         return {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "config": self.config.to_dict(),
                 "passive": [(p.detach().cpu(), None if lab is None else lab.cpu())
-                            for p, lab in self.passive]}
+                            for p, lab in self.passive],
+                "passive_backward": [(p.detach().cpu(), None if lab is None else lab.cpu())
+                                     for p, lab in self.passive_back]}
 
     def load_state_dict(self, state: dict):
         if self.dist is not None:  # this rank's own stream and queue, if the checkpoint has them
@@ -387,8 +426,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
         device = self.model.layers[0].weight.device
-        self.passive = [(p.to(device), None if lab is None else lab.to(device))
-                        for p, lab in state.get("passive", [])]
+        self.passive, self.passive_back = (
+            [(p.to(device), None if lab is None else lab.to(device)) for p, lab in state.get(key, [])]
+            for key in ("passive", "passive_backward"))
 
 
 def _progress_bar(total: int, initial: int):
@@ -423,4 +463,4 @@ def progress_fields(logs: dict) -> dict:
 
 def new_history() -> dict:
     return {"step": [], "hj": [], "mmd": [], "lr": [], "heldout_step": [], "heldout": [],
-            "seconds": 0.0}
+            "heldout_backward": [], "seconds": 0.0}

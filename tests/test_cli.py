@@ -174,7 +174,8 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
                    500, "--json", "--gpu", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    for key in ("l2_uvp_forward", "l2_uvp_backward", "energy_distance_forward", "cycle_error"):
+    for key in ("l2_uvp_forward", "l2_uvp_backward", "energy_distance_forward",
+                "energy_distance_backward", "cycle_error", "cycle_error_relative"):
         assert np.isfinite(out[key]), key
     # the readable problem name is the same problem; the default output explains each number
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:d=2:seed=3",
@@ -186,6 +187,8 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
     assert "% of the spread" in proc.stdout and "can be negative" in proc.stdout
     # 20 steps are far from the paper's accuracy, and the verdict says so in words
     assert "poor (> 1 %): train longer" in proc.stdout and "x the noise: differs" in proc.stdout
+    for key in ("heldout_energy_distance", "heldout_energy_distance_backward", "cycle_error_relative"):
+        assert np.isfinite(metrics[key]), key
     # a problem of another dimension is refused
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:3", "--gpu", "cpu",
                    cwd=tmp_path)

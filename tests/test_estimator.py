@@ -1,4 +1,6 @@
 """NCF estimator: input validation, map types, chunking, save/load."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,76 @@ def test_public_names():
     from ncf_fast.losses import class_conditional_energy_distance, energy_distance, hj_residual  # noqa
     from ncf_fast.metrics import cycle_error, l2_uvp, w2_exact  # noqa
     from ncf_fast.problems import GaussianOT, toy  # noqa
+
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_checkpoint_from_before_per_set_centring_gives_the_same_maps():
+    """A checkpoint written by main at 9748ee1 (one shared shift, no "target_shift"; data moved by
+    (4, 4)): its maps, potential and path are the ones that code computed."""
+    model = NCF.load(os.path.join(DATA, "checkpoint_9748ee1.pt"))
+    ref = np.load(os.path.join(DATA, "checkpoint_9748ee1_maps.npz"))
+    np.testing.assert_array_equal(model.target_shift, model.shift)
+    np.testing.assert_allclose(model.transport(ref["x"]), ref["transport"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.inverse(ref["y"]), ref["inverse"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.interpolate(ref["x"], 0.3), ref["interpolate"], rtol=0, atol=1e-12)
+    # the potential is evaluated in float32 from float64 coordinates now: agreement to fp32 rounding
+    np.testing.assert_allclose(model.potential(ref["x"], 0.0), ref["potential0"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.potential(ref["y"], 1.0), ref["potential1"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "power:1.5"])
+def test_each_set_is_centred_for_the_quadratic_cost_only(cost, tmp_path):
+    """Quadratic cost: each set loses its own mean and the maps add the translation back, so the
+    potential's gradient is the displacement of the characteristic through every (x, t); other
+    costs keep one shared shift (a relative shift of the sets would change their OT map)."""
+    rng = np.random.default_rng(4)
+    src = rng.normal(size=(300, 2))
+    tgt = rng.normal(size=(300, 2)) @ np.array([[1.3, 0.2], [0.2, 0.6]]) + np.array([4.0, -3.0])
+    model = NCF(2, hidden=(16, 16), seed=0, device="cpu", dtype=torch.float64, cost=cost).fit(
+        src, tgt, **TINY)
+    if cost == "quadratic":
+        np.testing.assert_allclose(model.shift, src.mean(0), atol=1e-12)
+        np.testing.assert_allclose(model.target_shift, tgt.mean(0), atol=1e-12)
+        spread = ((src - src.mean(0)) ** 2).sum(1).mean() + ((tgt - tgt.mean(0)) ** 2).sum(1).mean()
+        assert model.scale == pytest.approx(np.sqrt(spread / 4))
+        x = src[:10]
+        for t in (0.0, 0.4, 1.0):
+            pts = x + 0.7 * rng.normal(size=x.shape) + t * model.translation.numpy()
+            h = 1e-6
+            grad = np.stack([(model.potential(pts + h * e, t) - model.potential(pts - h * e, t)) / (2 * h)
+                             for e in np.eye(2)], 1)
+            disp = model._displacement(torch.as_tensor(pts), t).numpy()
+            np.testing.assert_allclose(grad, disp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(model.transport(x) - x,
+                                   model._displacement(torch.as_tensor(x), 0.0).numpy(), atol=1e-12)
+        # the inverse of T reads u at t_f on the target's side: y - displacement(y, t_f)
+        np.testing.assert_allclose(model.inverse(tgt[:5]),
+                                   tgt[:5] - model._displacement(torch.as_tensor(tgt[:5]), 1.0).numpy(),
+                                   atol=1e-12)
+    else:
+        middle = 0.5 * (src.mean(0) + tgt.mean(0))
+        np.testing.assert_allclose(model.shift, middle, atol=1e-12)
+        np.testing.assert_allclose(model.target_shift, middle, atol=1e-12)
+    model.save(tmp_path / "m.pt")
+    loaded = NCF.load(tmp_path / "m.pt")
+    np.testing.assert_array_equal(loaded.target_shift, model.target_shift)
+    np.testing.assert_array_equal(loaded.inverse(tgt), model.inverse(tgt))
+    np.testing.assert_array_equal(loaded.potential(tgt, 0.5), model.potential(tgt, 0.5))
+
+
+@pytest.mark.parametrize("t_final", [1.0, 2.0])
+def test_maps_are_the_trained_pushes_in_data_units(t_final):
+    """transport/inverse are what training pushed and pulled (in the model's coordinates), for
+    any horizon: before, the maps dropped the factor t_f of T(x) = x + t_f grad h(p)."""
+    rng = np.random.default_rng(5)
+    src, tgt = rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) * 1.5 + 2.0
+    model = NCF(2, hidden=(16,), seed=0, device="cpu", dtype=torch.float64,
+                t_final=t_final).fit(src, tgt, **TINY)
+    x, y = torch.as_tensor(src[:20]), torch.as_tensor(tgt[:20])
+    with torch.no_grad():
+        pushed = model.target_shift + model.scale * model._push(model._standardize(x))
+        pulled = model.shift + model.scale * model._pull(model._standardize(y, t_final))
+    np.testing.assert_allclose(model.transport(src[:20]), pushed.numpy(), atol=1e-12)
+    np.testing.assert_allclose(model.inverse(tgt[:20]), pulled.numpy(), atol=1e-12)

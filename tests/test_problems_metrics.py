@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ncf_fast import metrics
-from ncf_fast.problems import TOYS, GaussianOT, toy
+from ncf_fast.problems import TOYS, ConvexOT, GaussianOT, toy
 
 
 def test_gaussian_maps_push_forward_and_invert():
@@ -47,6 +47,58 @@ def test_from_npz_roundtrip(tmp_path):
     np.savez(tmp_path / "notspd.npz", Sigma0=prob.sigma0, Sigma1=-prob.sigma1)
     with pytest.raises(ValueError, match="positive definite"):
         GaussianOT.from_npz(tmp_path / "notspd.npz")
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 17])
+def test_convex_maps_invert_and_are_gradients_of_convex_functions(dim):
+    """T = grad phi + m with phi strongly convex: Newton's inverse to 1e-8 on fresh points (also
+    far outside the data), T the gradient of the potential (central differences), T monotone."""
+    prob = ConvexOT(dim, seed=dim)
+    x = prob.sample_source(300)
+    x[:20] *= 25.0  # far in the tails, where the softplus ridges saturate
+    y = prob.forward_map(x)
+    assert np.abs(prob.inverse_map(y) - x).max() < 1e-8
+    yt = torch.as_tensor(y)
+    back = prob.inverse_map(yt)
+    assert isinstance(back, torch.Tensor) and back.dtype == torch.float64
+    np.testing.assert_allclose(prob.forward_map(back).numpy(), y, rtol=0, atol=1e-8)
+    h = 1e-5
+    xs = x[20:40]
+    grad = np.stack([(prob.potential(xs + h * e) - prob.potential(xs - h * e)) / (2 * h)
+                     for e in np.eye(dim)], 1)
+    np.testing.assert_allclose(grad + prob.m, prob.forward_map(xs), atol=1e-6)
+    a, b = x[40:170], x[170:300]  # strong monotonicity of grad phi: (T a - T b).(a - b) >= |a - b|^2
+    gap = ((prob.forward_map(a) - prob.forward_map(b)) * (a - b)).sum(1) - ((a - b) ** 2).sum(1)
+    assert gap.min() >= -1e-9
+
+
+def test_convex_problem_is_translated_and_measurably_non_linear():
+    prob = ConvexOT(2, seed=0)
+    x = prob.sample_source(20_000)
+    spread = np.sqrt(x.var(0).sum() / 2)
+    # the mean shift is 3 source spreads (estimated from the mixture's exact variance)
+    assert np.linalg.norm(prob.m) == pytest.approx(3 * spread, rel=0.05)
+    fwd, bwd = prob.affine_uvp()
+    assert fwd > 1.0 and bwd > 1.0  # the best affine map is more than 1 % off, both ways
+    flat = ConvexOT(2, seed=0, strength=0.0)  # no ridges: a pure translation, affine exactly
+    assert max(flat.affine_uvp()) < 1e-20
+    np.testing.assert_allclose(flat.inverse_map(flat.forward_map(x[:10])), x[:10], atol=1e-12)
+    np.testing.assert_array_equal(ConvexOT(2, seed=5).sample_source(10), ConvexOT(2, seed=5).sample_source(10))
+    with pytest.raises(ValueError, match="shift"):
+        ConvexOT(2, shift=-1.0)
+    with pytest.raises(ValueError, match="dim"):
+        ConvexOT(0)
+
+
+def test_cycle_error_relative_definition():
+    class Shifted:  # T(x) = x + 1, T^-1(y) = y - 0.9: the round trip is off by 0.1 per axis
+        def transport(self, x):
+            return x + 1.0
+
+        def inverse(self, y):
+            return y - 0.9
+    x = np.random.default_rng(3).normal(size=(400, 2)) * 2
+    assert metrics.cycle_error_relative(Shifted(), x) == pytest.approx(100 * 0.02 / x.var(0, ddof=1).sum())
 
 
 @pytest.mark.parametrize("name", sorted(TOYS))
