@@ -45,7 +45,7 @@ if DEVICE == "cpu" and native.mlp_usable(torch.zeros(1, 1)):
 def _backend(backend, monkeypatch):
     """The PotentialMLP backend for a benchmark row (torch-ops: torch, compiled passes off)."""
     if backend == "torch-ops":
-        monkeypatch.setattr(native, "mlp_usable", lambda x: False)
+        monkeypatch.setattr(native, "mlp_usable", lambda x, act=None: False)
         return "torch"
     return backend
 

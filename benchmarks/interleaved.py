@@ -42,7 +42,7 @@ def main():
     stubs = dict(real, act_forward=lambda act, a, b: (junk, a, None),
                  delta_curv=lambda act, g, d1, aux, c: (junk, junk if c else None),
                  tangent=lambda *args: junk, abar=lambda bend, zbar, d1, bias_grad: zbar)
-    no_loops = dict(real, mlp_usable=lambda x: False)
+    no_loops = dict(real, mlp_usable=lambda x, act=None: False)
 
     def step(model, funcs):
         for k, f in funcs.items():

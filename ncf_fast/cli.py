@@ -1011,6 +1011,9 @@ def evaluation_report(out: dict, xs: np.ndarray, ys: np.ndarray, dim: int, name:
                f"maps do not agree (> {100 * CYCLE_BAD:.0f} %): backward map not usable yet")
     rows.append(("cycle error |T^-1(T(x)) - x|", f"{out['cycle_error']:.3g}",
                  f"{100 * cyc:.2g} % of the spread {spread:.3g}", verdict))
+    if "cycle_error_relative" in out:
+        rows.append(("cycle error, squared", f"{out['cycle_error_relative']:.3g} %",
+                     "E|T^-1(T(x)) - x|^2 / Var(source): the L2-UVP scale", ""))
     widths = [max(len(r[k]) for r in rows) for k in range(3)]
     lines = [f"{name}, {out['samples']} samples per side", f"checkpoint {out['checkpoint']}", ""]
     lines += ["  ".join(f"{c:<{w}}" for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]

@@ -37,6 +37,8 @@ __all__ = ["ConfigError", "KEYS", "MAX_BYTES", "defaults", "load_config", "parse
 # the documented setup.conf with every key is ~3 KB; pyhocon is slow (superlinear in long lists)
 # on big files: refuse them unread
 MAX_BYTES = 16 * 1024
+# bracket nesting a setup.conf may use; the documented one nests 3 deep
+MAX_DEPTH = 16
 
 
 class ConfigError(ValueError):
@@ -310,6 +312,10 @@ def load_config(path: str | None = None, overrides: dict | None = None,
         text = None
     if text is None or "\x00" in text:
         raise ConfigError(f"{path}: not a text file; --conf takes a HOCON file such as setup.conf")
+    deep = _too_deep(text)
+    if deep is not None:
+        raise ConfigError(f"{path}: line {deep}: brackets nested more than {MAX_DEPTH} levels deep "
+                          "(a setup.conf needs 2-3)")
     include = _find_include(text)
     if include is not None:
         raise ConfigError(f"{path}: line {include}: 'include' is not allowed; a setup.conf must be "
@@ -338,6 +344,30 @@ _INCLUDE = re.compile(r"(?<![A-Za-z0-9_$])include(?![A-Za-z0-9_$])", re.IGNORECA
 # quoted strings, '#' comments, '//' comments after a blank (x//y is an unquoted string), escapes
 _STRING = re.compile(r'"""(?:.|\n)*?"""+|"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*'
                      r'|(?:(?<=[ \t\n])|(?<![\s\S]))//[^\n]*|\\.', re.DOTALL)
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where ``[``/``{`` nesting (outside strings and comments) passes MAX_DEPTH, or None:
+    pyhocon's parser takes time exponential in the depth (3000 ``[`` in a 16 KiB file hang it)."""
+    depth, line, quoted, comment = 0, 1, False, False
+    for i, ch in enumerate(text):
+        if ch == "\n":  # a quoted HOCON string ends at the line's end (or is an error)
+            line, comment, quoted = line + 1, False, False
+        elif comment:
+            continue
+        elif quoted:
+            quoted = ch != '"' or text[i - 1] == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch == "#" or text.startswith("//", i):
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return None
 
 
 def _find_include(text: str) -> int | None:

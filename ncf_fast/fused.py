@@ -128,7 +128,7 @@ class PotentialAndGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, act: str, with_grad: bool, x: torch.Tensor, t: torch.Tensor, *params):
-        n, fast = x.shape[0], native.mlp_usable(x)
+        n, fast = x.shape[0], native.mlp_usable(x, act)
         us, ps, saved, per_block = [], [], [], None
         for rows in _blocks(n):
             u, p, (zs, d1s, deltas, curvs) = _sweep(params, act, x[rows], t[rows], with_grad,
@@ -223,7 +223,7 @@ def potential_and_grad(params, act, x, t):
     """
     if torch.is_grad_enabled():
         return PotentialAndGrad.apply(act, True, x, t, *params)
-    fast = native.mlp_usable(x)
+    fast = native.mlp_usable(x, act)
     outs = [_sweep(params, act, x[rows], t[rows], True, save=False, fast=fast)[:2]
             for rows in _blocks(x.shape[0])]
     if len(outs) == 1:

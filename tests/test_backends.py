@@ -152,8 +152,9 @@ def test_energy_backend_reaches_the_loss_and_the_holdout_check(monkeypatch):
     kw = dict(steps=2, batch_size=16, mmd_batch_size=32, mmd_active=8, holdout=40,
               eval_every=2, progress=False)
     NCF(2, hidden=(8,), seed=0, device="cpu", energy_backend="reference").fit(src, tgt, **kw)
-    assert seen == [("witness_energy_distance", "reference")] * 2 + [
-        ("energy_distance", "reference")]
+    # two steps of the forward and backward witness terms, then both held-out checks
+    assert seen == [("witness_energy_distance", "reference")] * 4 + [
+        ("energy_distance", "reference")] * 2
     seen.clear()  # a fit's TrainConfig.energy_backend overrides the estimator's
     NCF(2, hidden=(8,), seed=0, device="cpu", energy_backend="reference").fit(
         src, tgt, energy_backend="torch", **kw)

@@ -170,6 +170,9 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
     assert len(os.listdir(os.path.join(run_dir, "plots"))) == 4
     metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
     assert metrics["steps"] == 20 and "l2_uvp_forward" in metrics
+    # every key is documented in README's metrics.json table
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert not [k for k in metrics if f"`{k}`" not in readme], "undocumented metrics.json keys"
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:2:3", "--samples",
                    500, "--json", "--gpu", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -349,6 +349,22 @@ def test_a_huge_setup_conf_is_refused_at_once(bad, data, tmp_path):
     bad(_train(bad, data, conf=d / "big.conf"), "big.conf", "KiB")
 
 
+def test_deep_bracket_nesting_is_refused_before_pyhocon(bad, data, tmp_path):
+    """pyhocon's time grows exponentially with nesting: 3000 '[' in a small file hung it."""
+    d = tmp_path / "deep"
+    d.mkdir()
+    (d / "deep.conf").write_text("train {\n  steps = 5\n  x = " + "[" * 3000 + "\n}\n")
+    bad(_train(bad, data, conf=d / "deep.conf"), "deep.conf", "line 3", "nested more than")
+    # brackets inside strings and comments do not count; the documented file nests 3 deep
+    (d / "ok.conf").write_text('# ' + "[" * 40 + '\nrun { expname = "a' + "[" * 40 + '" }\n')
+    assert config_mod.load_config(str(d / "ok.conf"))["run.expname"].startswith("a[")
+    assert config_mod._too_deep(open(os.path.join(cli_repo(), "setup.conf")).read()) is None
+
+
+def cli_repo():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 # ---------------------------------------------------------------------------- 11. messages
 def test_messages_in_the_users_words(bad, data, tmp_path):
     d = tmp_path / "m"

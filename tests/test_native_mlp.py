@@ -23,6 +23,8 @@ SHAPES = [(1, 1), (1, 130), (37, 3), (300, 17), (70, 128)]
 def test_compiles_where_a_c_compiler_exists():
     assert native.mlp_usable(torch.zeros(1, 1))
     assert not native.mlp_usable(torch.zeros(1, 1, dtype=torch.float64))
+    # tanh runs the torch ops (ncf_fast/native.py: COMPILED_ACTIVATIONS)
+    assert native.mlp_usable(torch.zeros(1, 1), "silu") and not native.mlp_usable(torch.zeros(1, 1), "tanh")
 
 
 def _preacts(rows, w, seed):
@@ -143,7 +145,7 @@ def test_torch_backend_with_and_without_compiled_passes(passes, act, d, widths, 
     if passes == "compiled" and not HAS_CC:
         pytest.skip("no C compiler")
     if passes == "torch-ops":
-        monkeypatch.setattr(native, "mlp_usable", lambda x: False)
+        monkeypatch.setattr(native, "mlp_usable", lambda x, act=None: False)
     monkeypatch.setattr(fused, "_BLOCK_ROWS", block_rows)
     params, x, t = _make(d, widths, seed=d)
     cost = costs.Power(1.5)

@@ -76,7 +76,7 @@ def test_the_detector_sees_the_ops_it_must():
     assert {"tolist", "__float__"} <= set(reads.calls), reads.calls
 
 
-def _labelled_trainer(mmd_active, backend="torch"):
+def _labelled_trainer(mmd_active, backend="torch", backward_weight=1.0):
     rng = np.random.default_rng(0)
     n = 400
     lab_s, lab_t = rng.integers(0, 3, n), rng.integers(0, 3, n)
@@ -87,7 +87,7 @@ def _labelled_trainer(mmd_active, backend="torch"):
               energy_backend=backend)
     # odd sizes: 3 classes do not divide 10 active, 50 passive in age 2 (25 a batch), 40 targets
     cfg = TrainConfig(steps=10, batch_size=32, mmd_active=mmd_active, mmd_batch_size=50,
-                      passive_age=2, holdout=0)
+                      passive_age=2, holdout=0, backward_weight=backward_weight)
     return ncf.make_trainer(src, tgt, cfg, source_labels=lab_s, target_labels=lab_t)
 
 
@@ -111,7 +111,9 @@ def test_labelled_step_makes_no_host_sync(mmd_active):
 def test_labelled_loss_equals_the_label_based_path(mmd_active, monkeypatch):
     """The step's class-conditional L_MMD and its gradient are those of the public label-based
     functions (bit for bit: the same segments), on the step's own samples, over three steps."""
-    trainer = _labelled_trainer(mmd_active)
+    # the forward term alone, so the draws below are the forward term's (the backward term
+    # takes the same segmented path with the roles swapped)
+    trainer = _labelled_trainer(mmd_active, backward_weight=0.0)
     drawn, pushed = [], []  # every (samples, labels) drawn, in order; the differentiable pushes
     for side in (trainer.source, trainer.target):
         monkeypatch.setattr(side, "draw", lambda n, g, _real=side.draw: drawn.append(
@@ -121,7 +123,7 @@ def test_labelled_loss_equals_the_label_based_path(mmd_active, monkeypatch):
         pushed.append(push(x, create_graph)) or pushed[-1]) if create_graph else push(x))
     for _ in range(3):
         drawn.clear()
-        _, l_mmd = trainer.losses()
+        _, l_mmd, _ = trainer.losses()
         (g_fast,) = torch.autograd.grad(l_mmd, pushed[-1])
         active = pushed[-1].detach().requires_grad_()
         (_, la), (yt, lt) = drawn[0], drawn[-1]  # the source batch first, the targets last
@@ -152,7 +154,7 @@ def test_progress_false_never_imports_tqdm(monkeypatch):
 def test_gpu_defaults_are_large_batch_and_the_cpu_ones_unchanged():
     # the CPU presets exactly as measured (README, "Accuracy"): any change here changes CPU runs
     low = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
-           "mmd_batch_size": 2048, "passive_age": 1,
+           "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
            "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
     high = dict(low, lr=2e-3, mmd_weight=30.0, mmd_active=256,
                 collocation={"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1})

@@ -5,7 +5,7 @@ import torch
 
 from ncf_fast import NCF
 from ncf_fast.metrics import cycle_error, cycle_error_relative, l2_uvp
-from ncf_fast.problems import ConvexOT, GaussianOT
+from ncf_fast.problems import GaussianOT
 from ncf_fast.trainer import dimension_defaults
 
 
