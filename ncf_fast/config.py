@@ -342,25 +342,22 @@ def load_config(path: str | None = None, overrides: dict | None = None,
 # outside pyparsing's identifier set (letters, digits, '_', '$')
 _INCLUDE = re.compile(r"(?<![A-Za-z0-9_$])include(?![A-Za-z0-9_$])", re.IGNORECASE)
 # quoted strings, '#' comments, '//' comments after a blank (x//y is an unquoted string), escapes
-_STRING = re.compile(r'"""(?:.|\n)*?"""+|"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*'
+_STRING = re.compile(r'"""[\s\S]*?"""+|"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*'
                      r'|(?:(?<=[ \t\n])|(?<![\s\S]))//[^\n]*|\\.', re.DOTALL)
+
+
+def _blank_strings(text: str) -> str:
+    """``text`` with quoted strings and comments blanked out (newlines kept, so line numbers hold)."""
+    return _STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
 
 
 def _too_deep(text: str) -> int | None:
     """The line where ``[``/``{`` nesting (outside strings and comments) passes MAX_DEPTH, or None:
     pyhocon's parser takes time exponential in the depth (3000 ``[`` in a 16 KiB file hang it)."""
-    depth, line, quoted, comment = 0, 1, False, False
-    for i, ch in enumerate(text):
-        if ch == "\n":  # a quoted HOCON string ends at the line's end (or is an error)
-            line, comment, quoted = line + 1, False, False
-        elif comment:
-            continue
-        elif quoted:
-            quoted = ch != '"' or text[i - 1] == "\\"
-        elif ch == '"':
-            quoted = True
-        elif ch == "#" or text.startswith("//", i):
-            comment = True
+    depth, line = 0, 1
+    for ch in _blank_strings(text):
+        if ch == "\n":
+            line += 1
         elif ch in "[{":
             depth += 1
             if depth > MAX_DEPTH:
@@ -377,7 +374,7 @@ def _find_include(text: str) -> int | None:
     comment, an unterminated string ends at its line), so that anything pyhocon could treat as an
     include is refused before pyhocon reads the text: its parse actions open includes while
     parsing, even in a file that turns out to be malformed further down."""
-    blanked = _STRING.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    blanked = _blank_strings(text)
     match = _INCLUDE.search(blanked)
     return None if match is None else blanked.count("\n", 0, match.start()) + 1
 

@@ -361,6 +361,24 @@ def test_deep_bracket_nesting_is_refused_before_pyhocon(bad, data, tmp_path):
     assert config_mod._too_deep(open(os.path.join(cli_repo(), "setup.conf")).read()) is None
 
 
+def test_an_unterminated_triple_quote_is_scanned_in_linear_time(tmp_path):
+    """The include scan's string pattern once backtracked exponentially in the lines after an
+    unterminated triple quote (a 60-line file would have run for years)."""
+    path = tmp_path / "open.conf"
+    path.write_text('run { expname = """x\n' + "  # line\n" * 60)
+
+    def hang(signum, frame):
+        raise TimeoutError("the scan hung")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        with pytest.raises(config_mod.ConfigError, match="open.conf"):
+            config_mod.load_config(str(path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def cli_repo():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
