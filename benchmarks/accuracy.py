@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                      # d = 2, problem seeds 0..4, defaults
     python benchmarks/accuracy.py --problem convex --dims 2 8 16 --seeds 0 1 2
     python benchmarks/accuracy.py --problem convex --option backward_weight=0
+    python benchmarks/accuracy.py --dims 8 --model activation='"silu"' --out runs.jsonl
     python benchmarks/accuracy.py --dims 2 4 8 16 --seeds 0 --steps 5000
     python benchmarks/accuracy.py --dims 8 --steps 5000 --device cuda
     python benchmarks/accuracy.py --samples 0          # fresh draws every step (no finite sample)
@@ -33,13 +34,14 @@ PROBLEMS = {"gaussian": GaussianOT, "convex": ConvexOT}
 
 
 def evaluate(dim: int, seed: int, steps: int | None, device: str | None, n_train: int = 50_000,
-             n_test: int = 20_000, problem: str = "gaussian", options: dict | None = None) -> dict:
+             n_test: int = 20_000, problem: str = "gaussian", options: dict | None = None,
+             model_options: dict | None = None) -> dict:
     prob = PROBLEMS[problem](dim, seed=seed)
     if n_train:
         src, tgt = prob.sample_source(n_train), prob.sample_target(n_train)
     else:
         src, tgt = prob.sample_source, prob.sample_target
-    model = NCF(dim, seed=0, device=device)
+    model = NCF(dim, seed=0, device=device, **(model_options or {}))
     start = time.perf_counter()
     model.fit(src, tgt, progress=False, **({"steps": steps} if steps else {}), **(options or {}))
     seconds = time.perf_counter() - start
@@ -74,17 +76,26 @@ def main(argv=None):
                         help="training samples per side; 0: fresh draws every step")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a TrainConfig field for every fit (JSON value), e.g. backward_weight=0")
+    parser.add_argument("--model", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="an NCF(...) argument for every fit (JSON value), e.g. "
+                             'activation=\"silu\" or hidden=[256,256,256]')
+    parser.add_argument("--out", default=None, metavar="FILE.jsonl",
+                        help="append each row as one JSON line (with the options) to this file")
     args = parser.parse_args(argv)
-    options = dict(args.option)
+    options, model_options = dict(args.option), dict(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, problem {args.problem}"
-          + (f", options {options}" if options else ""))
+          + (f", options {options}" if options else "")
+          + (f", model {model_options}" if model_options else ""))
     print("| d | problem seed | affine UVP % fwd/bwd | steps | fit time (s) | forward UVP % "
           "| backward UVP % | ED fwd / bwd (1e-3) | cycle % |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
         for seed in args.seeds:
             r = evaluate(dim, seed, args.steps, args.device, n_train=args.samples,
-                         problem=args.problem, options=options)
+                         problem=args.problem, options=options, model_options=model_options)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({**r, "options": options, "model": model_options}) + "\n")
             print(f"| {r['dim']} | {r['seed']} | {r['affine'][0]:.2f} / {r['affine'][1]:.2f} "
                   f"| {r['steps']} | {r['seconds']:.0f} | {r['forward']:.3f} | {r['backward']:.3f} "
                   f"| {1e3 * r['ed_forward']:.3f} / {1e3 * r['ed_backward']:.3f} "

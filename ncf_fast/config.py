@@ -122,6 +122,12 @@ KEYS: tuple[Key, ...] = (
     Key("train.backward_weight", _TC.backward_weight, "float",
         f"weight of the backward map's term ED(T^-1#nu, mu) beside L_MMD; null: "
         f"{_by_dim('backward_weight')}", minimum=0, nullable=True),
+    Key("train.backward_active", _TC.backward_active, "int",
+        f"pulled targets with the backward term's gradient per step; null: "
+        f"{_by_dim('backward_active')}", positive=True, nullable=True),
+    Key("train.backward_batch_size", _TC.backward_batch_size, "int",
+        f"the backward term's passive pulled targets and source samples per step; null: "
+        f"{_by_dim('backward_batch_size')}", positive=True, nullable=True),
     *(Key(f"train.collocation.{k}", None, "float",
           f"weight of {k} points in the collocation mixture; null: {_by_dim('collocation', k)}",
           minimum=0, nullable=True) for k in _COLLOCATION),

@@ -36,9 +36,11 @@ _WITHIN_ROWS = 256
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
             "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
+            "backward_active": 512, "backward_batch_size": 2048,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "batch_size": 512, "mmd_active": 256,
              "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
+             "backward_active": 256, "backward_batch_size": 2048,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
 # backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's.
@@ -59,7 +61,8 @@ _BY_DIMENSION = tuple(_LOW_DIM)
 # On a GPU (device.type == "cuda") the step is large-batch in every dimension: ncf_fast is for
 # large-batch training, and a GPU needs many rows to fill its SMs. Not yet measured on a GPU
 # (README, "GPU defaults").
-_GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192}
+_GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192, "backward_active": 2048,
+        "backward_batch_size": 8192}
 
 
 def dimension_defaults(dim: int, device=None) -> dict:
@@ -92,7 +95,9 @@ class TrainConfig:
     lr_interval steps, the research code's Step schedule). weight_decay: Adam's L2 penalty.
     mmd_weight: lambda. backward_weight: weight of the backward map's marginal
     term ED(T^-1#nu, mu) relative to the forward one's (0: the backward map is tied to the data
-    only through L_HJ); it has its own active (mmd_active) and passive sets. collocation: mixture weights of rho
+    only through L_HJ). backward_active, backward_batch_size: the backward term's active pulled
+    targets, and its passive pulled targets and source samples per step (mmd_active's and
+    mmd_batch_size's twins; with mmd_active 0 both terms use mmd_batch_size). collocation: mixture weights of rho
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
@@ -114,6 +119,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     mmd_weight: float | None = None
     backward_weight: float | None = None
+    backward_active: int | None = None
+    backward_batch_size: int | None = None
     collocation: dict | None = None
     box_margin: float = 0.1
     eval_every: int = 250
@@ -148,6 +155,8 @@ class TrainConfig:
 
         if given("mmd_active") and self.mmd_active < 0:
             raise ValueError(f"mmd_active must be >= 0, got {self.mmd_active}")
+        if given("backward_active") and self.backward_active < 1:
+            raise ValueError(f"backward_active must be positive, got {self.backward_active}")
         for name in ("steps", "batch_size", "mmd_batch_size", "passive_age", "lr", "eval_every"):
             if given(name) and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -159,8 +168,9 @@ class TrainConfig:
                              f"got {self.lr_interval} and {self.lr_factor}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if given("mmd_batch_size") and self.mmd_batch_size < 2:
-            raise ValueError(f"mmd_batch_size must be at least 2, got {self.mmd_batch_size}")
+        for name in ("mmd_batch_size", "backward_batch_size"):
+            if given(name) and getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
 
     def resolve(self, dim: int, device=None) -> "TrainConfig":
         """A copy with every None (field or collocation weight) set to the default for ``dim``
@@ -234,18 +244,21 @@ class Trainer:
             l_back = self._energy(ncf._pull(yt, create_graph=True), xs, lt, ls) if back else None
             return l_hj, l_mmd, l_back
         xa, la = self.source.draw(cfg.mmd_active, gen)
-        fresh, pushed = self._refresh_passive(self.passive, self.source, ncf._push)
+        fresh, pushed = self._refresh_passive(self.passive, self.source, ncf._push,
+                                              cfg.mmd_batch_size)
         yt, lt = self.target.draw(cfg.mmd_batch_size, gen)
         lines = (fresh, pushed)  # characteristics (start at t = 0, end at t_f) for rho
         if back:
-            ya, lya = self.target.draw(cfg.mmd_active, gen)
-            fresh_t, pulled = self._refresh_passive(self.passive_back, self.target, ncf._pull)
-            xs, ls = self.source.draw(cfg.mmd_batch_size, gen)
+            ya, lya = self.target.draw(cfg.backward_active, gen)
+            fresh_t, pulled = self._refresh_passive(self.passive_back, self.target, ncf._pull,
+                                                    cfg.backward_batch_size)
+            xs, ls = self.source.draw(cfg.backward_batch_size, gen)
             lines = (torch.cat((fresh, pulled)), torch.cat((pushed, fresh_t)))
         l_hj = self._hj_loss(torch.cat((xa, fresh)), yt, lines)
-        l_mmd = self._witness(ncf._push(xa, create_graph=True), la, self.passive, yt, lt)
-        l_back = (self._witness(ncf._pull(ya, create_graph=True), lya, self.passive_back, xs, ls)
-                  if back else None)
+        l_mmd = self._witness(ncf._push(xa, create_graph=True), la, self.passive, yt, lt,
+                              cfg.mmd_active, cfg.mmd_batch_size)
+        l_back = (self._witness(ncf._pull(ya, create_graph=True), lya, self.passive_back, xs, ls,
+                                cfg.backward_active, cfg.backward_batch_size) if back else None)
         return l_hj, l_mmd, l_back
 
     def _energy_backend(self) -> str:
@@ -261,8 +274,9 @@ class Trainer:
                                              self._segments(labels_other, rows), backend)
         return energy_distance(moved, other, backend)
 
-    def _witness(self, active, labels_active, queue, other, labels_other):
-        """Witness energy distance of active mapped samples, with the passive ``queue``."""
+    def _witness(self, active, labels_active, queue, other, labels_other, n_active, n_batch):
+        """Witness energy distance of active mapped samples, with the passive ``queue``
+        (``n_active``, ``n_batch``: the term's set sizes, which fix the class layout)."""
         cfg, backend = self.config, self._energy_backend()
         passive = torch.cat([p for p, _ in queue])
         lp = torch.cat([lab for _, lab in queue]) if self.labelled else None
@@ -273,10 +287,10 @@ class Trainer:
                     active, passive, other, labels_active, lp, labels_other,
                     within_rows=_WITHIN_ROWS, backend=backend)
         if self.labelled:
-            per_batch = -(-cfg.mmd_batch_size // cfg.passive_age)
-            segs = (self._segments(labels_active, cfg.mmd_active),
+            per_batch = -(-n_batch // cfg.passive_age)
+            segs = (self._segments(labels_active, n_active),
                     self._segments(lp, per_batch, len(queue)),
-                    self._segments(labels_other, cfg.mmd_batch_size))
+                    self._segments(labels_other, n_batch))
             return segmented_witness_energy_distance(
                 active, passive, other, *segs, within_rows=_WITHIN_ROWS, backend=backend)
         return witness_energy_distance(active, passive, other, within_rows=_WITHIN_ROWS,
@@ -308,12 +322,12 @@ class Trainer:
         r = hj_residual(self.model, xc, tc, self.ncf.cost, self.ncf.t_final)
         return (r * r).mean()
 
-    def _refresh_passive(self, queue: list, samples: SampleSet, mapping) -> tuple:
-        """Map one fresh batch of ``samples`` (no gradient) into the passive ``queue`` (filling
-        it on the first step); return the fresh samples and their images (for the collocation
-        points)."""
+    def _refresh_passive(self, queue: list, samples: SampleSet, mapping, size: int) -> tuple:
+        """Map one fresh batch of ``samples`` (no gradient) into the passive ``queue`` of ``size``
+        rows (filling it on the first step); return the fresh samples and their images (for the
+        collocation points)."""
         age = self.config.passive_age
-        per_batch = -(-self.config.mmd_batch_size // age)
+        per_batch = -(-size // age)
         fills = age if not queue else 1
         drawn = []
         for _ in range(fills):

@@ -76,7 +76,7 @@ def test_the_detector_sees_the_ops_it_must():
     assert {"tolist", "__float__"} <= set(reads.calls), reads.calls
 
 
-def _labelled_trainer(mmd_active, backend="torch", backward_weight=1.0):
+def _labelled_trainer(mmd_active, backend="torch", backward_weight=1.0, **sizes):
     rng = np.random.default_rng(0)
     n = 400
     lab_s, lab_t = rng.integers(0, 3, n), rng.integers(0, 3, n)
@@ -87,7 +87,7 @@ def _labelled_trainer(mmd_active, backend="torch", backward_weight=1.0):
               energy_backend=backend)
     # odd sizes: 3 classes do not divide 10 active, 50 passive in age 2 (25 a batch), 40 targets
     cfg = TrainConfig(steps=10, batch_size=32, mmd_active=mmd_active, mmd_batch_size=50,
-                      passive_age=2, holdout=0, backward_weight=backward_weight)
+                      passive_age=2, holdout=0, backward_weight=backward_weight, **sizes)
     return ncf.make_trainer(src, tgt, cfg, source_labels=lab_s, target_labels=lab_t)
 
 
@@ -105,6 +105,31 @@ def test_labelled_step_makes_no_host_sync(mmd_active):
     with _HostSyncs() as syncs:
         energy.class_conditional_energy_distance(xa, xa, la, la)
     assert "aten.nonzero.default" in syncs.calls
+
+
+def test_the_backward_term_has_its_own_set_sizes():
+    """backward_active / backward_batch_size size the backward term's draws and passive queue
+    (odd sizes that 3 classes do not divide), with no host sync once the layouts are known."""
+    trainer = _labelled_trainer(10, backward_active=7, backward_batch_size=26)
+    drawn = []
+    for side in (trainer.source, trainer.target):
+        real = side.draw
+        side.draw = lambda n, g, _real=real, _side=side: drawn.append((_side, n)) or _real(n, g)
+    trainer.step()
+    # age 2: the first step fills the queues with two batches, 26 = 2 x 13 and 50 = 2 x 25 asked
+    # for (a stratified draw rounds up to a multiple of the 3 classes)
+    assert drawn.count((trainer.target, 13)) == 2 and drawn.count((trainer.source, 25)) == 2
+    assert [p.shape[0] for p, _ in trainer.passive_back] == [15, 15]
+    assert [p.shape[0] for p, _ in trainer.passive] == [27, 27]
+    drawn.clear()
+    with _HostSyncs() as syncs:
+        trainer.step()
+    assert syncs.calls == []
+    assert (trainer.target, 7) in drawn and (trainer.target, 13) in drawn
+    assert (trainer.source, 26) in drawn and (trainer.source, 10) in drawn
+    for bad in ({"backward_active": 0}, {"backward_batch_size": 1}, {"backward_active": 2.5}):
+        with pytest.raises((ValueError, TypeError), match="backward_"):
+            TrainConfig(**bad)
 
 
 @pytest.mark.parametrize("mmd_active", [10, 0])
