@@ -180,8 +180,9 @@ def test_gpu_defaults_are_large_batch_and_the_cpu_ones_unchanged():
     # the CPU presets exactly as measured (README, "Accuracy"): any change here changes CPU runs
     low = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
            "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
+           "backward_active": 512, "backward_batch_size": 2048,
            "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
-    high = dict(low, lr=2e-3, mmd_weight=30.0, mmd_active=256,
+    high = dict(low, lr=2e-3, mmd_weight=30.0, mmd_active=256, backward_active=256,
                 collocation={"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1})
     for dim, want in ((1, low), (2, low), (3, high), (8, high), (200, high)):
         assert dimension_defaults(dim) == want == dimension_defaults(dim, "cpu")
@@ -191,6 +192,7 @@ def test_gpu_defaults_are_large_batch_and_the_cpu_ones_unchanged():
     for dim in (2, 8, 64):
         gpu = TrainConfig().resolve(dim, "cuda:1")
         assert gpu.batch_size >= 16384 and gpu.mmd_batch_size >= 8192 and gpu.mmd_active >= 2048
+        assert (gpu.backward_active, gpu.backward_batch_size) == (gpu.mmd_active, gpu.mmd_batch_size)
         assert gpu.lr == dimension_defaults(dim)["lr"]  # only the batch sizes change
     assert TrainConfig(batch_size=64).resolve(8, "cuda").batch_size == 64  # given values stay
     assert TrainConfig().batch_size is None
