@@ -1,6 +1,8 @@
 """Accuracy on problems with a known OT map: forward and backward L2-UVP (%) and fit time.
 
     python benchmarks/accuracy.py                      # d = 2, problem seeds 0..4, defaults
+    python benchmarks/accuracy.py --dims 2 4 8 16 32 64  # each d's seed list (SEEDS), defaults
+    python benchmarks/accuracy.py --dims 32 --budget 1200 --plot convergence.png
     python benchmarks/accuracy.py --problem convex --dims 2 8 16 --seeds 0 1 2
     python benchmarks/accuracy.py --problem convex --option backward_weight=0
     python benchmarks/accuracy.py --dims 8 --model activation='"silu"' --out runs.jsonl
@@ -17,6 +19,14 @@ with every other setting at its default (``--option KEY=VALUE`` overrides a Trai
 then L2-UVP on 20,000 fresh samples per side, the energy distances ED(T#mu, nu), ED(T^-1#nu, mu)
 on 5000 of them against 5000 others, and the cycle error E|T^-1(T(x)) - x|^2 / Var(mu) (%). Time is the wall time of
 ``fit`` (held-out checks included), on whatever this machine is doing.
+
+``--budget SECONDS`` trains for a wall-clock budget instead of a step count: a 30-step probe fit
+measures the step time, ``steps`` is set so that the schedule (warm-up, cosine decay) ends at
+the budget, and ``time_limit`` cuts the fit there if the machine slows down. ``--plot FILE.png``
+records forward/backward L2-UVP on 5000 fresh samples at every held-out check (their cost is
+left out of the time axis) and draws L2-UVP against training time, one line pair per run. After
+the rows, the mean per d beside the paper's forward L2-UVP (PAPER: its NCF and larger-network
+rows, and the best method per column).
 """
 from __future__ import annotations
 
@@ -31,31 +41,110 @@ from ncf_fast.metrics import cycle_error_relative, energy_distance, l2_uvp
 from ncf_fast.problems import ConvexOT, GaussianOT
 
 PROBLEMS = {"gaussian": GaussianOT, "convex": ConvexOT}
+# The problem seeds each d runs when --seeds is not given (every pair reported, none dropped).
+SEEDS = {2: [0, 1, 2, 3, 4], 4: [0, 1, 2], 8: [0, 1, 2], 16: [0, 1, 2], 32: [0, 1, 2],
+         64: [0, 1, 2]}
+# Park et al. (ICLR 2026), the Gaussian table, forward L2-UVP %: NCF, NCF with larger networks
+# ("NCF-Adaptive"), and the best number in each column (any method).
+PAPER = {2: (0.010, 0.010, 0.010), 4: (0.021, 0.022, 0.021), 8: (0.086, 0.090, 0.012),
+         16: (0.15, 0.16, 0.15), 32: (0.44, 0.31, 0.31), 64: (0.86, 0.41, 0.41)}
+PROBE_STEPS = 30
 
 
 def evaluate(dim: int, seed: int, steps: int | None, device: str | None, n_train: int = 50_000,
              n_test: int = 20_000, problem: str = "gaussian", options: dict | None = None,
-             model_options: dict | None = None) -> dict:
+             model_options: dict | None = None, budget: float | None = None,
+             trace: bool = False) -> dict:
+    """One fit of NCF(dim, seed=0) on problem ``problem``'s instance ``seed`` and its errors
+    (``budget``: train for that many seconds, see the module docstring; ``trace``: record the
+    L2-UVP curve at every held-out check under "curve" as (seconds, step, forward, backward))."""
     prob = PROBLEMS[problem](dim, seed=seed)
     if n_train:
         src, tgt = prob.sample_source(n_train), prob.sample_target(n_train)
     else:
         src, tgt = prob.sample_source, prob.sample_target
+    options = dict(options or {})
+    if steps:
+        options["steps"] = steps
+    if budget:
+        options.update(budget_steps(dim, src, tgt, budget, device, options, model_options))
     model = NCF(dim, seed=0, device=device, **(model_options or {}))
+    curve, callback = [], None
+    if trace:
+        xc, yc = prob.sample_source(5000), prob.sample_target(5000)
+        fc, bc = prob.forward_map(xc), prob.inverse_map(yc)
+        spent = [0.0]  # seconds spent in these checks, left out of the curve's time axis
+
+        def callback(step, logs):
+            if "heldout" in logs:
+                t0 = time.perf_counter()
+                curve.append((t0 - start - spent[0], step, l2_uvp(model.transport(xc), fc, yc),
+                              l2_uvp(model.inverse(yc), bc, xc)))
+                spent[0] += time.perf_counter() - t0
+            return False
     start = time.perf_counter()
-    model.fit(src, tgt, progress=False, **({"steps": steps} if steps else {}), **(options or {}))
-    seconds = time.perf_counter() - start
+    model.fit(src, tgt, progress=False, callback=callback, **options)
+    seconds = time.perf_counter() - start - (spent[0] if trace else 0.0)
     x, y = prob.sample_source(n_test), prob.sample_target(n_test)
     pushed, pulled = model.transport(x), model.inverse(y)
-    k = min(n_test, 5000)
+    k = min(n_test // 2, 5000)
     return {"problem": problem, "dim": dim, "seed": seed, "steps": model.train_config.steps,
             "batch": model.train_config.batch_size, "seconds": seconds,
             "forward": l2_uvp(pushed, prob.forward_map(x), y),
             "backward": l2_uvp(pulled, prob.inverse_map(y), x),
             "ed_forward": energy_distance(pushed[:k], y[k:2 * k]),
             "ed_backward": energy_distance(pulled[:k], x[k:2 * k]),
-            "cycle": cycle_error_relative(model, x[:k]),
+            "cycle": cycle_error_relative(model, x[:k]), "curve": curve,
+            "stopped_early": "stopped_early" in model.history,
             "affine": prob.affine_uvp() if hasattr(prob, "affine_uvp") else (0.0, 0.0)}
+
+
+def budget_steps(dim, src, tgt, budget, device, options, model_options) -> dict:
+    """The step count whose fit takes about ``budget`` seconds here, from a PROBE_STEPS-step fit
+    of the same model on the same data (its held-out checks included), and the time limit."""
+    probe = NCF(dim, seed=0, device=device, **(model_options or {}))
+    start = time.perf_counter()
+    probe.fit(src, tgt, progress=False, **{**options, "steps": PROBE_STEPS,
+                                           "eval_every": PROBE_STEPS})
+    per_step = (time.perf_counter() - start) / PROBE_STEPS
+    return {"steps": max(PROBE_STEPS, int(budget / per_step)), "time_limit": float(budget)}
+
+
+def paper_rows(rows: list) -> list[str]:
+    """Markdown rows: our mean forward/backward L2-UVP per d beside the paper's numbers."""
+    out = ["| d | runs | ours forward (mean) | ours backward (mean) | paper NCF | paper larger "
+           "network | paper best (any method) |", "|---|---|---|---|---|---|---|"]
+    for dim in sorted({r["dim"] for r in rows}):
+        mine = [r for r in rows if r["dim"] == dim]
+        paper = PAPER.get(dim)
+        cells = [f"{v:g}" for v in paper] if paper else ["—"] * 3
+        out.append(f"| {dim} | {len(mine)} | {sum(r['forward'] for r in mine) / len(mine):.3f} "
+                   f"| {sum(r['backward'] for r in mine) / len(mine):.3f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def plot_curves(rows: list, path: str) -> None:
+    """L2-UVP against training time, forward solid and backward dashed, one colour per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, r in enumerate(rows):
+        if not r["curve"]:
+            continue
+        t, _, fwd, bwd = zip(*r["curve"])
+        color = f"C{i % 10}"
+        ax.plot(t, fwd, "-", color=color, label=f"d = {r['dim']}, seed {r['seed']}: forward")
+        ax.plot(t, bwd, "--", color=color, label=f"d = {r['dim']}, seed {r['seed']}: backward")
+    ax.set_xlabel("training time (s, held-out checks excluded)")
+    ax.set_ylabel("L2-UVP (%)")
+    ax.set_yscale("log")
+    ax.set_title(f"NCF on {rows[0]['problem']} pairs, 5000 fresh samples per check")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _option(text: str):
@@ -69,11 +158,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="gaussian")
     parser.add_argument("--dims", type=int, nargs="+", default=[2])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="problem seeds for every d (default: SEEDS[d], or 0 1 2)")
     parser.add_argument("--steps", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="train each fit for this wall-clock time instead of a step count")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="L2-UVP against training time at every held-out check")
     parser.add_argument("--device", default=None)
     parser.add_argument("--samples", type=int, default=50_000,
                         help="training samples per side; 0: fresh draws every step")
+    parser.add_argument("--test_samples", type=int, default=20_000,
+                        help="fresh samples per side for the errors")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a TrainConfig field for every fit (JSON value), e.g. backward_weight=0")
     parser.add_argument("--model", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -82,6 +178,10 @@ def main(argv=None):
     parser.add_argument("--out", default=None, metavar="FILE.jsonl",
                         help="append each row as one JSON line (with the options) to this file")
     args = parser.parse_args(argv)
+    if args.budget is not None and not args.budget > 0:
+        parser.error("--budget must be a positive number of seconds")
+    if args.budget and args.steps:
+        parser.error("give --budget or --steps, not both")
     options, model_options = dict(args.option), dict(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, problem {args.problem}"
           + (f", options {options}" if options else "")
@@ -89,17 +189,27 @@ def main(argv=None):
     print("| d | problem seed | affine UVP % fwd/bwd | steps | fit time (s) | forward UVP % "
           "| backward UVP % | ED fwd / bwd (1e-3) | cycle % |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for dim in args.dims:
-        for seed in args.seeds:
+        for seed in args.seeds or SEEDS.get(dim, [0, 1, 2]):
             r = evaluate(dim, seed, args.steps, args.device, n_train=args.samples,
-                         problem=args.problem, options=options, model_options=model_options)
+                         n_test=args.test_samples,
+                         problem=args.problem, options=options, model_options=model_options,
+                         budget=args.budget, trace=bool(args.plot))
+            rows.append(r)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps({**r, "options": options, "model": model_options}) + "\n")
             print(f"| {r['dim']} | {r['seed']} | {r['affine'][0]:.2f} / {r['affine'][1]:.2f} "
                   f"| {r['steps']} | {r['seconds']:.0f} | {r['forward']:.3f} | {r['backward']:.3f} "
                   f"| {1e3 * r['ed_forward']:.3f} / {1e3 * r['ed_backward']:.3f} "
-                  f"| {r['cycle']:.3f} |", flush=True)
+                  f"| {r['cycle']:.3f} |" + (" (cut at the budget)" if r["stopped_early"] else ""),
+                  flush=True)
+    print()
+    print("\n".join(paper_rows(rows)))
+    if args.plot:
+        plot_curves(rows, args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
