@@ -154,7 +154,9 @@ def colour_cloud(ax, colours: np.ndarray, basis: np.ndarray, centre: np.ndarray,
     xy = (colours - centre) @ basis
     ax.scatter(xy[:, 0], xy[:, 1], c=np.clip(colours, 0, 1), s=2, linewidths=0)
     ax.set_title(title, fontsize=9)
-    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_xlabel("principal axis 1 (RGB units)", fontsize=8, labelpad=1)
+    ax.set_ylabel("principal axis 2 (RGB units)", fontsize=8, labelpad=1)
+    ax.tick_params(labelsize=7, length=2, pad=1)
 
 
 def write_figure(path, images: dict, clouds: dict, rng):

@@ -5,6 +5,10 @@ TRITON_INTERPRET must be set before triton is first imported, hence here, at col
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# what ncf_fast/threads.py does when it is imported before torch; here torch comes first, and
+# libgomp reads the policy once, at load: with spinning idle threads the --quick class-conditional
+# run took 575 s instead of ~60 s beside other busy processes (a 5-step fit 42.7 s, passive 4.1 s)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
