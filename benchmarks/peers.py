@@ -22,7 +22,7 @@ budget if it is not done. Then, on 20,000 fresh samples per side (``--test_sampl
 * map_s: time to map 10^5 fresh source points forward (``--map_samples``), in chunks of 10,000.
 
 Every (method, problem, d) runs in its own worker process (``python peers.py --worker ...``), so
-a crash, a missing package or a hang (killed at 3 x budget + 10 min) gives a row with null
+a crash, a missing package or a hang (killed at 2 x budget + 5 min) gives a row with null
 numbers and an ``error`` note, and peak memory is the fit's own. Every worker runs
 single-threaded (``--threads``, default 1): OMP/MKL/OpenBLAS threads 1, torch threads 1, and
 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" for JAX, so all
@@ -444,7 +444,8 @@ def run_worker(method: str, problem: str, dim: int, budget_s: float, sizes: dict
     if threads != 1:
         env["XLA_FLAGS"] = ""
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    timeout = 3 * budget_s + 600 if timeout is None else timeout
+    # a fit past twice its budget, plus five minutes to map and measure, is a stuck peer
+    timeout = 2 * budget_s + 300 if timeout is None else timeout
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec],
                               env=env, capture_output=True, text=True, timeout=timeout)
@@ -510,6 +511,8 @@ def plot_rows(rows: list[dict], path: str):
                     ax.plot(*zip(*pts), style, color=colors[m], label=label, ms=4,
                             lw=2.2 if m == "ncf_fast" else 1.2)
         ax.set_xscale("log", base=2)
+        dims = sorted({r["d"] for r in rows})
+        ax.set_xticks(dims, [str(d) for d in dims])
         ax.set_yscale("log")
         ax.set_xlabel("dimension d")
         ax.set_ylabel("L2-UVP (%), lower is better")
