@@ -33,6 +33,8 @@ batch sizes where the library leaves them to the user are ours and stated):
 
 * ``ncf_fast``: ``NCF(d, seed=0).fit(src, tgt, time_limit=budget)``, every other setting at its
   default (3000 steps; stopped at the budget if not done; the cosine schedule spans 3000 steps).
+  Its limit counts from the start of its training loop, first step included (no compilation
+  to exempt), after the data's standardisation.
 * ``ott_enot``: OTT-JAX ``ExpectileNeuralDual`` (ENOT, Buzun et al. 2024) with its defaults:
   two MLP potentials [128] x 4 (ELU), Adam 3e-4 (b1 = b2 = 0.9), expectile 0.99, coefficient 1,
   20,000 iterations; batch 1024. Backward map: ``transport(y, forward=False)``.
