@@ -35,6 +35,14 @@ setup(
         "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.9"],
         # examples/: bundled photographs and digits, and POT's baseline (never installed by default)
         "examples": ["scikit-image>=0.19", "scikit-learn>=1.0", "POT>=0.9"],
+        # benchmarks/peers.py and peers_energy.py: the other OT tools, pinned to the versions
+        # measured (benchmarks/RESULTS.md), CPU jax. torchcfm is NOT listed: its dependencies
+        # (torchdyn -> torchvision, lightning) pin a newer torch, so pip would replace the
+        # installed one; install it without them: pip install --no-deps torchcfm==1.0.7
+        # (peers.py only uses its flow matcher and MLP, which need torch, numpy and POT).
+        "peers": ["ott-jax==0.6.0", "jax[cpu]==0.10.2", "flax==0.12.8", "optax==0.2.8",
+                  "diffrax==0.7.2", "POT>=0.9.7,<0.9.8", "geomloss==0.3.1", "torchdiffeq==0.2.5",
+                  "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["ncf-fast = ncf_fast.cli:main"]},
 )

@@ -332,7 +332,8 @@ def _resolve(data_dir: str | None, name: str | None) -> str | None:
 def _overrides(args) -> dict:
     out = {}
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("expname", "run.expname"),
-                      ("backend", "model.backend"), ("energy_backend", "model.energy_backend")):
+                      ("backend", "model.backend"), ("energy_backend", "model.energy_backend"),
+                      ("time_limit", "train.time_limit")):
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
@@ -452,7 +453,8 @@ def _resume(args, device, ctx=None) -> int:
         saved = config_mod.parse_config(config_mod.nested(run["config"]), ckpt_path)
     except (config_mod.ConfigError, KeyError, TypeError) as exc:
         raise CLIError(f"{ckpt_path}: its stored config is unusable ({exc})") from None
-    keep = {"train.steps", "model.backend", "model.energy_backend"}  # what a resume may change
+    keep = {"train.steps", "model.backend", "model.energy_backend",  # what a resume may change
+            "train.time_limit"}
     if args.conf is not None or args.seed is not None:
         given = _load_config(args)
         compare = [k for k in config_mod.defaults() if k not in keep and k != "run.expname"]
@@ -1121,6 +1123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expname", metavar="NAME", help="run.expname (default: ncf)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="train.steps")
     p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed")
+    p.add_argument("--time_limit", type=_number, metavar="SECONDS", help="train.time_limit")
     p.add_argument("--backend", choices=backends.BACKENDS, help="model.backend")
     p.add_argument("--energy_backend", choices=backends.BACKENDS, help="model.energy_backend")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR "

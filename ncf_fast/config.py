@@ -134,6 +134,9 @@ KEYS: tuple[Key, ...] = (
     Key("train.box_margin", _TC.box_margin, "float", "box widening, fraction of the data range", minimum=0),
     Key("train.eval_every", _TC.eval_every, "int", "steps between held-out checks", positive=True),
     Key("train.holdout", _TC.holdout, "int", "samples per side held out for the check", minimum=0),
+    Key("train.time_limit", _TC.time_limit, "float",
+        "wall-clock seconds for the fit; training stops after the step that crosses it (null: no "
+        "limit)", positive=True, nullable=True),
     Key("train.seed", 0, "int", "seeds the initialisation, the held-out split and the batches", minimum=0),
     Key("run.expname", "ncf", "str", "experiment name: runs go to HOME/exps/EXPNAME/<timestamp>/"),
     Key("run.checkpoint_every", 500, "int", "steps between checkpoints (one is also written at the end)",

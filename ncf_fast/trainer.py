@@ -103,6 +103,10 @@ class TrainConfig:
     out of training for that check (arrays of at least 4x that size only).
     energy_backend: the energy distance's backend in the loss and the held-out check
     (:mod:`ncf_fast.backends` names); None: the estimator's (``NCF(energy_backend=...)``).
+    time_limit: wall-clock seconds for one :meth:`Trainer.run` (None: no limit); training stops
+    after the step that crosses it, with a held-out check there, and the history records
+    ``stopped_early`` = {"reason": "time_limit", "step", "seconds"}. The learning-rate schedule
+    still spans ``steps``: a fit cut early ends before its decay.
     """
 
     steps: int = 3000
@@ -126,12 +130,13 @@ class TrainConfig:
     eval_every: int = 250
     holdout: int = 2048
     energy_backend: str | None = None
+    time_limit: float | None = None
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in _BY_DIMENSION:
-                continue  # the dimension's default, filled in by resolve()
+            if value is None and f.name in _BY_DIMENSION + ("time_limit",):
+                continue  # the dimension's default, filled in by resolve(); or no time limit
             if f.name == "energy_backend":
                 if value is not None:
                     self.energy_backend = backends.check_name(value, "energy_backend")
@@ -168,6 +173,9 @@ class TrainConfig:
                              f"got {self.lr_interval} and {self.lr_factor}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if given("time_limit") and not 0 < self.time_limit < math.inf:
+            raise ValueError(f"time_limit must be a positive finite number of seconds (or None for "
+                             f"no limit), got {self.time_limit}")
         for name in ("mmd_batch_size", "backward_batch_size"):
             if given(name) and getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2, got {getattr(self, name)}")
@@ -369,7 +377,8 @@ class Trainer:
         return float(value) * self.ncf.scale
 
     def run(self, progress: bool = True, callback=None, history=None) -> dict:
-        """Train until ``config.steps``; returns the history dict (appended to if given).
+        """Train until ``config.steps`` (or ``config.time_limit`` seconds, counted from this
+        call); returns the history dict (appended to if given).
 
         callback(step, logs) is called after every step with logs = {"step", "hj", "mmd", "lr"}
         (plus "heldout" at check steps); returning True stops training early.
@@ -390,7 +399,10 @@ class Trainer:
             while self.step_count < cfg.steps:
                 l_hj, l_mmd, lr = self.step()
                 pending.append((self.step_count, l_hj, l_mmd, lr))
-                at_check = self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps
+                out_of_time = (cfg.time_limit is not None and self.step_count < cfg.steps
+                               and time.perf_counter() - start >= cfg.time_limit)
+                at_check = (self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps
+                            or out_of_time)  # a cut fit ends with a held-out check too
                 logs = None
                 if len(pending) >= flush_every or at_check or callback is not None:
                     values = torch.stack([torch.stack((h, m)) for _, h, m, _ in pending]).tolist()
@@ -415,6 +427,10 @@ class Trainer:
                 if load is not None:
                     load.step()
                 if callback is not None and callback(self.step_count, logs):
+                    break
+                if out_of_time:
+                    history["stopped_early"] = {"reason": "time_limit", "step": self.step_count,
+                                                "seconds": time.perf_counter() - start}
                     break
         finally:
             bar.close()
