@@ -105,8 +105,9 @@ class TrainConfig:
     (:mod:`ncf_fast.backends` names); None: the estimator's (``NCF(energy_backend=...)``).
     time_limit: wall-clock seconds for one :meth:`Trainer.run` (None: no limit); training stops
     after the step that crosses it, with a held-out check there, and the history records
-    ``stopped_early`` = {"reason": "time_limit", "step", "seconds"}. The learning-rate schedule
-    still spans ``steps``: a fit cut early ends before its decay.
+    ``stopped_early`` = {"reason": "time_limit", "step", "seconds"}. The cosine decay follows
+    whichever is further along, the steps or the time (:func:`lr_at`), so a fit cut by the
+    limit has still decayed to lr_final; with a limit the run is no longer reproducible bit for bit.
     """
 
     steps: int = 3000
@@ -201,15 +202,20 @@ class TrainConfig:
         return asdict(self)
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
+def lr_at(config: TrainConfig, step: int, elapsed: float | None = None) -> float:
     """Learning rate at ``step``: linear warm-up to lr, then cosine decay to lr_final (or, with
-    lr_schedule "step", lr * lr_factor ** (step // lr_interval))."""
+    lr_schedule "step", lr * lr_factor ** (step // lr_interval)). With config.time_limit and the
+    run's ``elapsed`` seconds, the decay's progress is the larger of the step's and
+    elapsed / time_limit: a budget that ends before ``steps`` still ends at lr_final."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     if config.lr_schedule == "step":
         return config.lr * config.lr_factor ** (step // config.lr_interval)
     span = max(config.steps - config.warmup, 1)
-    frac = min((step - config.warmup) / span, 1.0)
+    frac = (step - config.warmup) / span
+    if config.time_limit is not None and elapsed is not None:
+        frac = max(frac, elapsed / config.time_limit)
+    frac = min(frac, 1.0)
     return config.lr_final + 0.5 * (config.lr - config.lr_final) * (1 + math.cos(math.pi * frac))
 
 
@@ -236,6 +242,7 @@ class Trainer:
         self._segment_cache: dict = {}  # see _segments
         self.passive: list = []  # queue of (pushed samples, labels or None), newest last
         self.passive_back: list = []  # the same for the backward term: (pulled targets, labels)
+        self.elapsed = None  # seconds into the current run() (the time-limited schedule's clock)
         self.dist = None  # a DistContext under a multi-process launch (see ncf_fast.distributed)
 
     def losses(self):
@@ -348,7 +355,7 @@ class Trainer:
 
     def step(self):
         """One Adam step; returns detached (L_HJ, L_MMD, lr)."""
-        lr = lr_at(self.config, self.step_count)
+        lr = lr_at(self.config, self.step_count, self.elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -397,6 +404,7 @@ class Trainer:
         load = threads.LoadFollower() if on_cpu else None
         try:
             while self.step_count < cfg.steps:
+                self.elapsed = time.perf_counter() - start
                 l_hj, l_mmd, lr = self.step()
                 pending.append((self.step_count, l_hj, l_mmd, lr))
                 out_of_time = (cfg.time_limit is not None and self.step_count < cfg.steps
@@ -433,6 +441,7 @@ class Trainer:
                                                 "seconds": time.perf_counter() - start}
                     break
         finally:
+            self.elapsed = None
             bar.close()
             if load is not None:
                 load.close()

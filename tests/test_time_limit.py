@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from ncf_fast import NCF, cli
 from ncf_fast import config as config_mod
-from ncf_fast.trainer import TrainConfig
+from ncf_fast import trainer as trainer_mod
+from ncf_fast.trainer import TrainConfig, lr_at
 
 TINY = dict(batch_size=32, mmd_batch_size=32, mmd_active=8, warmup=2, eval_every=5, holdout=16)
 
@@ -35,6 +38,33 @@ def test_a_tiny_limit_stops_after_the_first_step_with_a_heldout_check():
     assert h["heldout_step"] == [1] and len(h["heldout_backward"]) == 1  # the cut fit's check
     assert model.train_config.time_limit == 1e-9
     assert np.isfinite(model.transport(src[:5])).all()
+
+
+def test_the_cosine_decay_follows_the_time_when_it_is_further_along():
+    cfg = TrainConfig(steps=1000, warmup=0, lr=1e-2, lr_final=1e-4, time_limit=100.0)
+    assert lr_at(cfg, 500, elapsed=10.0) == pytest.approx(lr_at(cfg, 500))  # steps lead: as before
+    assert lr_at(cfg, 100, elapsed=50.0) == pytest.approx(lr_at(cfg, 500))  # time leads
+    assert lr_at(cfg, 100, elapsed=250.0) == pytest.approx(1e-4)  # past the budget: lr_final
+    assert lr_at(replace(cfg, time_limit=None), 100, elapsed=50.0) == lr_at(cfg, 100)
+
+
+def test_a_fit_cut_by_its_limit_has_decayed_to_lr_final(monkeypatch):
+    """On a clock that moves 1 s per reading, a 20 s limit cuts a 500-step fit early, and its
+    last steps run at (nearly) lr_final: the schedule followed the time, not the 500 steps."""
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=tick))
+    src, tgt = _data()
+    model = NCF(2, hidden=(16, 16), seed=0, device="cpu").fit(
+        src, tgt, steps=500, progress=False, time_limit=20.0, lr=1e-2, lr_final=1e-4, **TINY)
+    h = model.history
+    assert h["stopped_early"]["step"] < 50
+    assert h["lr"][-1] < 2e-4 < 5e-3 < max(h["lr"])
+    assert model.trainer.elapsed is None  # a step outside run() uses the step schedule
 
 
 def test_no_limit_or_a_long_one_runs_every_step_and_says_nothing():
