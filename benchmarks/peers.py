@@ -32,7 +32,8 @@ Methods and their settings (the class defaults or the project's documented examp
 batch sizes where the library leaves them to the user are ours and stated):
 
 * ``ncf_fast``: ``NCF(d, seed=0).fit(src, tgt, time_limit=budget)``, every other setting at its
-  default (3000 steps; stopped at the budget if not done; the cosine schedule spans 3000 steps).
+  default (3000 steps; stopped at the budget if not done; the cosine decay follows whichever is
+  further along, steps or time, so a fit cut by the budget still ends at lr_final).
   Its limit counts from the start of its training loop, first step included (no compilation
   to exempt), after the data's standardisation.
 * ``ott_enot``: OTT-JAX ``ExpectileNeuralDual`` (ENOT, Buzun et al. 2024) with its defaults:
