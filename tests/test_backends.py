@@ -186,8 +186,9 @@ def test_energy_backend_round_trips_through_checkpoints_and_setup_conf(tmp_path)
 
 def test_cli_flags_beside_backend():
     from ncf_fast import cli
+    from ncf_fast.cli import inputs
     parser = cli.build_parser()
     for command in ("train", "demo"):
         args = parser.parse_args([command, "--backend", "torch", "--energy_backend", "reference"])
-        assert cli._overrides(args)["model.energy_backend"] == "reference"
-        assert cli._overrides(args)["model.backend"] == "torch"
+        assert inputs.overrides(args)["model.energy_backend"] == "reference"
+        assert inputs.overrides(args)["model.backend"] == "torch"
