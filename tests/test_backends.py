@@ -60,9 +60,9 @@ def test_resolve_probes_neither_cuda_nor_triton(monkeypatch):
 
 def test_the_limits_are_the_kernels():
     pytest.importorskip("triton")
-    from ncf_fast.kernels import energy_distance, mlp_sweeps
-    assert backends.MLP_MAX_INPUT == mlp_sweeps.MAX_INPUT
-    assert backends.MLP_MAX_WIDTH == mlp_sweeps.MAX_WIDTH
+    from ncf_fast.kernels import energy_distance, mlp_launch
+    assert backends.MLP_MAX_INPUT == mlp_launch.MAX_INPUT
+    assert backends.MLP_MAX_WIDTH == mlp_launch.MAX_WIDTH
     assert backends.ENERGY_MAX_D == energy_distance.MAX_D
 
 
