@@ -10,7 +10,8 @@ import torch
 from .. import backends, distributed, lineage, problems
 from .. import config as config_mod
 from .. import data as data_mod
-from ..estimator import NCF, read_checkpoint
+from ..checkpoints import read_checkpoint
+from ..estimator import NCF
 from .errors import CLIError, usage_errors
 
 __all__ = ["resolve_device", "check_backends", "resolve_path", "overrides", "load_config",

@@ -10,7 +10,7 @@ import os
 import sys
 
 from .. import __version__, backends, distributed, lineage
-from ..estimator import DISK_FULL
+from ..checkpoints import DISK_FULL
 from .applying import cmd_evaluate, cmd_transport
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, CLIError, first_line
 from .run_folder import disk_full_message

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from ..estimator import write_atomic
+from ..checkpoints import write_atomic
 from .errors import CLIError
 
 __all__ = ["check_printable", "check_home", "create_run_dir", "remove_run", "write_npy",

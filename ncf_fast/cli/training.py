@@ -19,7 +19,8 @@ import torch
 
 from .. import __version__, distributed, lineage
 from .. import config as config_mod
-from ..estimator import DISK_FULL, NCF, default_activation, default_hidden, save_atomic
+from ..checkpoints import DISK_FULL, save_atomic
+from ..estimator import NCF, default_activation, default_hidden
 from .applying import METRIC_SAMPLES, cmd_evaluate
 from .errors import EXIT_INTERRUPTED, CLIError, first_line, info, usage_errors
 from .inputs import (check_backends, checkpoint_file, load_checkpoint, load_config, load_data,
