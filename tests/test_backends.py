@@ -190,5 +190,5 @@ def test_cli_flags_beside_backend():
     parser = cli.build_parser()
     for command in ("train", "demo"):
         args = parser.parse_args([command, "--backend", "torch", "--energy_backend", "reference"])
-        assert inputs.overrides(args)["model.energy_backend"] == "reference"
-        assert inputs.overrides(args)["model.backend"] == "torch"
+        assert inputs.flag_overrides(args)["model.energy_backend"] == "reference"
+        assert inputs.flag_overrides(args)["model.backend"] == "torch"

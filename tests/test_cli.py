@@ -555,7 +555,7 @@ def test_plots_for_one_and_many_dimensions(tmp_path, dim, exact):
 
 def test_problem_names_readable_and_short_forms_agree():
     from ncf_fast.cli import CLIError
-    from ncf_fast.cli.inputs import parse_problem as _parse_problem
+    from ncf_fast.cli.inputs import named_problem as _parse_problem
     for readable, short in (("gaussian:d=2:seed=1", "gaussian:2:1"), ("gaussian:d=3", "gaussian:3"),
                             ("toy:circles", "circles"), ("toy:moons:circles", "moons:circles")):
         a, b = _parse_problem(readable), _parse_problem(short)

@@ -167,8 +167,8 @@ def test_fuzz_npy_files_through_the_cli_loaders(tmp_path, monkeypatch):
         raw = _npy_with_header(rng) if k % 4 == 0 else (_mutate_bytes(rng, raw) if k % 4 else raw)
         with open(path, "wb") as f:
             f.write(raw)
-        outcomes.append(_run(f"npy case {k}", lambda: inputs.load_array(path, "--input"), path))
-        outcomes.append(_run(f"labels case {k}", lambda: inputs.load_labels(path, 20, "--labels"), path))
+        outcomes.append(_run(f"npy case {k}", lambda: inputs.samples_file(path, "--input"), path))
+        outcomes.append(_run(f"labels case {k}", lambda: inputs.labels_file(path, 20, "--labels"), path))
         os.unlink(path)
     assert os.listdir(tmp_path) == []
     assert outcomes.count("loaded") > 10 and outcomes.count("refused") > 100  # both paths ran

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 
 from .errors import CLIError, info
-from .inputs import (checkpoint_file, load_array, load_data, load_model, parse_problem,
-                     resolve_device)
+from .inputs import (checkpoint_file, load_data, load_model, named_problem, resolve_device,
+                     samples_file)
 from .run_folder import check_printable, write_npy
 
 __all__ = ["cmd_transport", "cmd_evaluate", "evaluation_report", "energy_noise"]
@@ -34,7 +34,7 @@ def cmd_transport(args) -> int:
         raise CLIError("--t gives a point on the forward characteristics x(t); it cannot be combined "
                        "with --inverse")
     ncf = load_model(ckpt_path, device, getattr(args, "time_axis", None))
-    x = load_array(args.input, "--input")
+    x = samples_file(args.input, "--input")
     if x.shape[1] != ncf.dim:
         raise CLIError(f"{args.input} has dimension {x.shape[1]} but the checkpoint {ckpt_path} was "
                        f"trained in dimension {ncf.dim}")
@@ -59,7 +59,7 @@ def cmd_evaluate(args) -> int:
     if args.problem is None and (args.input is None or args.output is None):
         raise CLIError("evaluate needs --problem (gaussian:d=D[:seed=S], a .npz, toy:SRC:TGT) or "
                        "--input and --output sample files")
-    problem = parse_problem(args.problem) if args.problem is not None else None
+    problem = named_problem(args.problem) if args.problem is not None else None
     ncf = load_model(ckpt_path, device, getattr(args, "time_axis", None))
     if problem is not None:
         if problem.dim != ncf.dim:

@@ -14,9 +14,9 @@ from ..checkpoints import read_checkpoint
 from ..estimator import NCF
 from .errors import CLIError, usage_errors
 
-__all__ = ["resolve_device", "check_backends", "resolve_path", "overrides", "load_config",
-           "load_array", "load_labels", "load_data", "checkpoint_file", "load_checkpoint",
-           "load_model", "parse_problem"]
+__all__ = ["resolve_device", "check_backends", "resolve_path", "flag_overrides", "run_config",
+           "samples_file", "labels_file", "load_data", "checkpoint_file", "load_checkpoint",
+           "load_model", "named_problem"]
 
 
 def resolve_device(gpu: str | None) -> torch.device:
@@ -66,7 +66,7 @@ def resolve_path(data_dir: str | None, name: str | None) -> str | None:
     return os.path.abspath(os.path.join(data_dir, name) if data_dir else name)
 
 
-def overrides(args) -> dict:
+def flag_overrides(args) -> dict:
     """The flags that override setup.conf keys, as {key: value}."""
     out = {}
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("expname", "run.expname"),
@@ -78,19 +78,19 @@ def overrides(args) -> dict:
     return out
 
 
-def load_config(args, base=None) -> dict:
+def run_config(args, base=None) -> dict:
     """--conf with the flags on top (``base``: defaults under the file), as flat keys."""
     with usage_errors(config_mod.ConfigError):
-        return config_mod.load_config(args.conf, overrides(args), base=base)
+        return config_mod.load_config(args.conf, flag_overrides(args), base=base)
 
 
-def load_array(path: str, what: str) -> np.ndarray:
+def samples_file(path: str, what: str) -> np.ndarray:
     """:func:`ncf_fast.data.load_array` with its errors as CLIError."""
     with usage_errors():
         return data_mod.load_array(path, what)
 
 
-def load_labels(path: str, n: int, what: str) -> np.ndarray:
+def labels_file(path: str, n: int, what: str) -> np.ndarray:
     """:func:`ncf_fast.data.load_labels` with its errors as CLIError."""
     with usage_errors():
         return data_mod.load_labels(path, n, what)
@@ -104,15 +104,15 @@ def load_data(paths: dict) -> dict:
     if (paths.get("input_labels") is None) != (paths.get("output_labels") is None):
         raise CLIError("--input_labels and --output_labels go together (class-conditional OT); "
                        "give both or neither")
-    src = load_array(paths["input"], "--input (source samples)")
-    tgt = load_array(paths["output"], "--output (target samples)")
+    src = samples_file(paths["input"], "--input (source samples)")
+    tgt = samples_file(paths["output"], "--output (target samples)")
     if src.shape[1] != tgt.shape[1]:
         raise CLIError(f"{paths['input']} has dimension {src.shape[1]} but {paths['output']} has "
                        f"dimension {tgt.shape[1]}; source and target samples must have the same d")
     data = {"input": src, "output": tgt, "input_labels": None, "output_labels": None}
     if paths.get("input_labels") is not None:
-        data["input_labels"] = load_labels(paths["input_labels"], src.shape[0], "--input_labels")
-        data["output_labels"] = load_labels(paths["output_labels"], tgt.shape[0], "--output_labels")
+        data["input_labels"] = labels_file(paths["input_labels"], src.shape[0], "--input_labels")
+        data["output_labels"] = labels_file(paths["output_labels"], tgt.shape[0], "--output_labels")
     return data
 
 
@@ -144,7 +144,7 @@ def load_model(path: str, device, time_axis=None) -> NCF:
 
 
 
-def parse_problem(spec: str) -> problems.NamedProblem:
+def named_problem(spec: str) -> problems.NamedProblem:
     """--problem SPEC -> :func:`ncf_fast.problems.parse_problem`, errors as CLIError."""
     with usage_errors(ValueError, FileNotFoundError):
         return problems.parse_problem(spec)

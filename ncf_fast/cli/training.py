@@ -23,8 +23,8 @@ from ..checkpoints import DISK_FULL, save_atomic
 from ..estimator import NCF, default_activation, default_hidden
 from .applying import METRIC_SAMPLES, cmd_evaluate
 from .errors import EXIT_INTERRUPTED, CLIError, first_line, info, usage_errors
-from .inputs import (check_backends, checkpoint_file, load_checkpoint, load_config, load_data,
-                     overrides, parse_problem, resolve_device, resolve_path)
+from .inputs import (check_backends, checkpoint_file, flag_overrides, load_checkpoint, load_data,
+                     named_problem, resolve_device, resolve_path, run_config)
 from .run_folder import (check_home, create_run_dir, disk_full_message, remove_run, write_npy,
                          write_text)
 
@@ -40,12 +40,12 @@ DEMO_BASE = {"run.expname": "demo"}
 def cmd_train(args) -> int:
     device = resolve_device(args.gpu)
     if lineage.continues(args):  # the research code's --is_continue/--eval [--timestamp] [--checkpoint]
-        args.resume = lineage.run_checkpoint(args, args.expname or load_config(args)["run.expname"])
+        args.resume = lineage.run_checkpoint(args, args.expname or run_config(args)["run.expname"])
         if args.eval:
             return cmd_evaluate(lineage.eval_args(args, load_checkpoint(args.resume)))
     if args.resume:
         return _resume(args, device, distributed.setup(device))
-    cfg = load_config(args)
+    cfg = run_config(args)
     paths = {k: resolve_path(args.data_dir, getattr(args, k))
              for k in ("input", "output", "input_labels", "output_labels")}
     data = load_data(paths)
@@ -56,8 +56,8 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     device = resolve_device(args.gpu)
-    problem = parse_problem(args.problem)
-    cfg = load_config(args, base=DEMO_BASE)
+    problem = named_problem(args.problem)
+    cfg = run_config(args, base=DEMO_BASE)
     src, tgt = problem.sample(args.samples, cfg["train.seed"])
     src, tgt = src.astype(np.float32), tgt.astype(np.float32)
     data = {"input": src, "output": tgt, "input_labels": None, "output_labels": None}
@@ -135,7 +135,7 @@ def _resume(args, device, ctx=None) -> int:
         raise CLIError(f"{ckpt_path}: its stored config is unusable ({exc})") from None
     keep = {"train.steps", "model.backend", "model.energy_backend"}  # what a resume may change
     if args.conf is not None or args.seed is not None:
-        given = load_config(args)
+        given = run_config(args)
         compare = [k for k in config_mod.defaults() if k not in keep and k != "run.expname"]
         if args.conf is None:
             compare = ["train.seed"]
@@ -145,7 +145,7 @@ def _resume(args, device, ctx=None) -> int:
                                f"{run_dir}; a resumed run keeps its configuration (start a new run "
                                "to change it)")
     cfg = dict(saved)
-    for key, value in overrides(args).items():
+    for key, value in flag_overrides(args).items():
         if key in keep:
             cfg[key] = value
     cfg = config_mod.parse_config(config_mod.nested(cfg), "--resume")
@@ -382,7 +382,7 @@ def _finish(args, run_dir, run, ncf, data):
     # run.json was written at the start: now it gets the training time (as in the checkpoint)
     write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=2) + "\n")
     from .. import plots
-    problem = parse_problem(run["problem"]) if run["problem"] else None
+    problem = named_problem(run["problem"]) if run["problem"] else None
     exact = problem is not None and problem.oracle is not None and ncf.cost.spec == "quadratic"
     paths = run["paths"]
     files = plots.run_plots(
@@ -413,7 +413,7 @@ def _run_metrics(ncf, src, tgt, pushed, pulled, run) -> dict:
     hist = ncf.history
     tail = max(1, min(50, len(hist["hj"])))
     steps = int(hist["step"][-1]) if hist["step"] else 0
-    problem = parse_problem(run["problem"]) if run.get("problem") is not None else None
+    problem = named_problem(run["problem"]) if run.get("problem") is not None else None
     exact = problem is not None and problem.oracle is not None and ncf.cost.spec == "quadratic"
     out = {
         "steps": steps,
