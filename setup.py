@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     # the kernels live in kernels/ at the top of the repository but install as ncf_fast.kernels
     # (a top-level module named "kernels" collides with an unrelated PyPI package)
-    packages=["ncf_fast", "ncf_fast.kernels"],
+    packages=["ncf_fast", "ncf_fast.cli", "ncf_fast.kernels"],
     package_dir={"ncf_fast": "ncf_fast", "ncf_fast.kernels": "kernels"},
     # the C sources of the CPU kernels (pair sums, MLP elementwise passes), compiled on first
     # use (ncf_fast/native.py)

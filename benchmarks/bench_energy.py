@@ -6,10 +6,10 @@
     NCF_BENCH_THREADS=1 pytest benchmarks/bench_energy.py ...           # CPU intra-op threads
 
 Shapes: N = M in {8192, 65536, 1e6} x d in {2, 16, 64} with NCF_BENCH_FULL=1; otherwise the
-issue's CPU comparison, N = M = 4096 at d in {2, 8, 16} (the torch path must be no slower than the
+CPU comparison, N = M = 4096 at d in {2, 8, 16} (the torch path must be no slower than the
 cdist path there). Backends: "reference" = the U-statistic from torch.cdist with autograd (the
-issue's cdist baseline; O(NM) memory, skipped where its N x M matrices would not fit), "torch"
-(ncf_fast.energy's CPU path: the compiled loop of ncf_fast.native for fp32 d <= 8, block-wise
+cdist baseline; O(NM) memory, skipped where its N x M matrices would not fit), "torch"
+(ncf_fast.pair_sums' CPU path: the compiled loop of ncf_fast.native for fp32 d <= 8, block-wise
 torch ops otherwise), "torch-ops" (the torch ops alone at d <= 8, side by side with the compiled
 loop; CPU, where a C compiler built it), and "triton" on CUDA (the interpreter is not a benchmark).
 Every timed call on CUDA ends with torch.cuda.synchronize(); a warm-up round runs first (JIT and

@@ -6,7 +6,7 @@ and one full training step (L_HJ + lambda L_MMD, Adam).
     NCF_BENCH_SHAPES=16x128x65536 pytest benchmarks/bench_residual.py ... # chosen d x w x batch
 
 Shapes: d in {2, 16, 64} x width in {64, 128, 256} (depth 3, softplus) x batch in {4096, 65536}
-with NCF_BENCH_FULL=1; otherwise d = 16, width 128, batch 4096 (the issue's CPU target shape:
+with NCF_BENCH_FULL=1; otherwise d = 16, width 128, batch 4096 (the CPU target shape:
 torch >= 1.5x reference for hj_residual forward + backward). Backends: reference, torch, and
 triton on CUDA (the interpreter is not a benchmark), and on CPU torch-ops (the torch backend
 with its compiled elementwise passes switched off: what they buy). Every timed call on CUDA ends with

@@ -179,7 +179,8 @@ def accuracy():
             set_dot_precision(precision)
             try:
                 return outputs(lambda q: potential_and_grad(q, "softplus", x, t),
-                               lambda q: characteristic_residual(q, "softplus", cost, x, t),
+                               lambda q: characteristic_residual(q, "softplus",
+                                                                 costs.kernel_constants(cost), x, t),
                                params)
             finally:
                 set_dot_precision("tf32x3")

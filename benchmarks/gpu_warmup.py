@@ -67,7 +67,8 @@ def run_job(job) -> tuple:
         t = torch.rand(ROWS, 1, generator=gen).to(device)
         cost = costs.Quadratic() if cost == "quadratic" else costs.Power(1.5)
         u, p = potential_and_grad(params, act, x, t, deterministic=deterministic)
-        r = characteristic_residual(params, act, cost, x, t, deterministic=deterministic)
+        r = characteristic_residual(params, act, costs.kernel_constants(cost), x, t,
+                                    deterministic=deterministic)
         (u.sum() + p.square().sum() + r.square().sum()).backward()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["triton_available"]
+__all__ = ["triton_available", "COST_QUADRATIC", "COST_POWER"]
+
+# The residual kernel's COST constexpr: the caller turns its cost into (COST, q*) with these
+# (q* = 2 for the quadratic cost; q* = q / (q - 1) for |v|^q / q).
+COST_QUADRATIC, COST_POWER = 0, 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,43 +27,26 @@ def triton_available() -> bool:
 __all__ += ["potential_and_grad", "characteristic_residual", "set_dot_precision"]
 
 
-def potential_and_grad(params, act, x, t, deterministic: bool = False):
-    """(u (N,), grad_x u (N, d)) of the PotentialMLP ``params`` at x (N, d), t (N, 1);
-    ``deterministic``: bitwise-reproducible weight gradients (per-program copies reduced in a
-    fixed order) instead of atomic adds. See
-    :func:`ncf_fast.kernels.mlp_potential.potential_and_grad`."""
+def potential_and_grad(params, act, x, t, deterministic: bool = False, precision=None):
+    """(u (N,), grad_x u (N, d)) of the MLP ``params`` (W_1, b_1, ..., W_{L+1}, b_{L+1}) at
+    x (N, d), t (N, 1); ``deterministic``: bitwise-reproducible weight gradients (per-program
+    copies reduced in a fixed order) instead of atomic adds; ``precision``: the tl.dot input
+    precision (None: :func:`set_dot_precision`'s). See :func:`.mlp_potential.potential_and_grad`."""
     from .mlp_potential import potential_and_grad as fused
-    return fused(params, act, x, t, deterministic=deterministic)
+    return fused(params, act, x, t, deterministic=deterministic, precision=precision)
 
 
-def characteristic_residual(params, act, cost, x, t, deterministic: bool = False):
-    """r(x, t) (N,) of the PotentialMLP ``params``; ``deterministic`` as for
-    :func:`potential_and_grad`. See
-    :func:`ncf_fast.kernels.mlp_residual.characteristic_residual`."""
+def characteristic_residual(params, act, cost, x, t, deterministic: bool = False, precision=None):
+    """r(x, t) (N,) of the MLP ``params``; ``cost``: the kernel constants (COST_QUADRATIC, 2.0)
+    or (COST_POWER, q*); ``deterministic`` and ``precision`` as for :func:`potential_and_grad`.
+    See :func:`.mlp_residual.characteristic_residual`."""
     from .mlp_residual import characteristic_residual as fused
-    return fused(params, act, cost, x, t, deterministic=deterministic)
+    return fused(params, act, cost, x, t, deterministic=deterministic, precision=precision)
 
 
 def set_dot_precision(precision: str) -> None:
-    """tl.dot input precision of the MLP kernels: "tf32x3" (default, fp32-level) or "tf32"
-    (opt-in fast mode); see :func:`ncf_fast.kernels.mlp_sweeps.set_dot_precision`."""
-    from .mlp_sweeps import set_dot_precision as setter
+    """The default tl.dot input precision of the MLP kernels: "tf32x3" (default, fp32-level) or
+    "tf32" (opt-in fast mode); see :func:`.mlp_launch.set_dot_precision`."""
+    from .mlp_launch import set_dot_precision as setter
     setter(precision)
 
-
-# --- energy distance (energy_distance.py); triton is imported on first call ---
-__all__ += ["energy_pair_sums", "energy_segment_pair_sums"]
-
-
-def energy_pair_sums(a, b, grad=False):
-    """Row sums over all pairs, (S (N,) float64, Ga (N, d) float32 or None), by tiles in linear
-    memory; see :func:`ncf_fast.kernels.energy_distance.pair_sums`."""
-    from .energy_distance import pair_sums
-    return pair_sums(a, b, grad=grad)
-
-
-def energy_segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=False):
-    """The same within label-sorted segments, all in one launch; see
-    :func:`ncf_fast.kernels.energy_distance.segment_pair_sums`."""
-    from .energy_distance import segment_pair_sums
-    return segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=grad)

@@ -41,14 +41,14 @@ S and Ga are summed by one program in a fixed order (its atomics touch only its 
 barrier orders the near-pair adds before the final one).
 
 Bound on an H200 (value and both gradients, N = M = 1e6, d = 16): the estimator needs the
-(a, b), (b, a), (a, a), (b, b) passes = 4e12 pairs (3e12 for the value alone). The issue's
+(a, b), (b, a), (a, a), (b, b) passes = 4e12 pairs (3e12 for the value alone). The
 direct form costs 3d + 10 = 58 fp32 flops per pair: 4e12 * 58 / 67e12 flop/s = 3.5 s. GRAM mode
 moves the d-proportional part to tensor cores: 2 dots * 3 (tf32x3) * 2 * 16 = 192 tf32 flops per
 pair -> 1.55 s at 495 TFLOP/s; ~16 fp32 instructions per pair stay on the CUDA cores (norms,
 d2, the near test and its count, selects, d2 * w, two row sums, the split of w) -> 1.9 s at
 33.5e12 instr/s; one MUFU rsqrt per pair -> 0.96 s at 16 * 132 SMs * 1.98 GHz = 4.2e12/s. The
 units overlap, so the bound is ~1.9 s, CUDA-core bound (value only: 3e12 pairs * ~11
-instructions -> ~1.0 s). Not measured yet: no GPU was available to this work.
+instructions -> ~1.0 s). Measured times, against this bound: benchmarks/RESULTS.md.
 
 Shapes: a (N, d), b (M, d), float32 (the launchers convert other float dtypes and make them
 contiguous); outputs S (N,) float64, Ga (N, d) float32. d <= MAX_D = 64 (at BLOCK_D = 128 the
@@ -58,16 +58,15 @@ the largest without spills in tests/test_sm90_compile_energy.py (128 x 32, 128 x
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .mlp_sweeps import device_guard
+from . import interpreter
+from .mlp_launch import device_guard
 
-__all__ = ["pair_sums", "segment_pair_sums", "pair_distance_sum", "config_for", "all_configs",
-           "MAX_D", "NEAR"]
+__all__ = ["pair_sums", "segment_pair_sums", "config_for", "all_configs", "MAX_D", "NEAR"]
 
 # Largest d the kernel takes: with BLOCK_D = 128 the gradient variant spills on sm_90a at every
 # tile shape tried (tests/test_sm90_compile_energy.py); larger d uses the torch path (cuBLAS Gram
@@ -82,29 +81,7 @@ DIRECT_MAX_D = 4
 NEAR = 2.0 ** -8
 
 
-def _interpreter_index_fix():
-    """Let interpreted kernels use runtime loop bounds under numpy >= 2.3.
-
-    The interpreter holds every scalar as a 1-element array and turns it into a Python int with
-    int(array), which numpy 2.3+ rejects for 1-d arrays ("only 0-dimensional arrays can be
-    converted"), so ``for k in range(0, d)`` fails for any runtime d. Same result, via .item().
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_ncf_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._ncf_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_index_fix()
+interpreter.patch_if_interpreted()  # runtime loop bounds (for k in range(0, d)) under numpy >= 2.3
 
 
 # Smallest normal fp32, and the power-of-two rescaling that lifts a subnormal squared distance
@@ -423,30 +400,3 @@ def segment_pair_sums(a: torch.Tensor, b: torch.Tensor, row_lo, row_hi, col_lo, 
     return _launch(a, b, grad, seg, rows, as32(row_hi), as32(col_lo), as32(col_hi),
                    zero_init=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# autograd
-
-class _PairDistanceSum(torch.autograd.Function):
-    """sum_ij |a_i - b_j| with both gradients from the forward passes (rows, then swapped)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, a, b):
-        need_a, need_b = ctx.needs_input_grad[:2]
-        s, ga = pair_sums(a, b, grad=need_a)
-        gb = pair_sums(b, a, grad=True)[1] if need_b else None
-        ctx.save_for_backward(ga, gb)
-        return s.sum().to(a.dtype)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, gout):
-        ga, gb = ctx.saved_tensors
-        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None)
-
-
-def pair_distance_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_ij |a_i - b_j| for a (N, d), b (M, d): a differentiable 0-d tensor in O((N + M) d)
-    memory."""
-    return _PairDistanceSum.apply(a, b)

@@ -22,8 +22,9 @@ Fusion plan:
               first-order down sweep at (x0, 0) with ubar = -rbar (weight gradients + p0), the
               tangent sweep from pbar, the second-order down sweep at (x, t); relaxed fp32
               atomics reduce the parameter gradients across programs (or into per-program
-              copies: deterministic mode, see mlp_sweeps). Nothing (N, width) is stored.
-COST (constexpr) is 0 for Quadratic, 1 for Power (runtime q*); other costs are refused.
+              copies: deterministic mode, see mlp_sweeps and mlp_launch). Nothing (N, width) is stored.
+COST (constexpr) is COST_QUADRATIC (0) or COST_POWER (1, runtime q*), passed by the caller as
+kernel constants; other costs are refused.
 """
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mlp_sweeps import (BATCH_ARGS, POWER, QUADRATIC, _fallback, block_constexprs, device_guard,
-                         dot_precision, down_sweep, grad_buffers, launch_config, mlp_layout,
-                         pack_params, program_grads, reduce_grads, stage_rows, tangent_sweep,
-                         tile, unit_feature_stride, unpack_grads, up_sweep)
+from . import COST_POWER, COST_QUADRATIC
+from .mlp_launch import (BATCH_ARGS, block_constexprs, check_precision, device_guard, dot_precision,
+                         fallback, grad_buffers, launch_config, mlp_layout, pack_params,
+                         reduce_grads, unit_feature_stride, unpack_grads)
+from .mlp_sweeps import (down_sweep, program_block, program_grads, stage_rows, tangent_sweep, tile,
+                         up_sweep)
 
-__all__ = ["CharacteristicResidual", "characteristic_residual", "cost_code"]
+__all__ = ["CharacteristicResidual", "characteristic_residual", "check_cost"]
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -82,6 +85,31 @@ def _stage_foot(ws, Z, P, X0, D, t, scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.co
     tl.debug_barrier()
 
 
+@triton.jit
+def _foot_of_characteristic(ws, x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, rows, N, D,
+                            stride_xn, stride_xd, stride_tn, q_star, XT, P, X0, G0, T0, ZB0, AB,
+                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                            H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr,
+                            N_HIDDEN: tl.constexpr, ACT: tl.constexpr, COST: tl.constexpr,
+                            PRECISION: tl.constexpr, STORE_G: tl.constexpr):
+    """Both residual kernels' start at (x, t): [x, t] into slot XT, a_k into slots 0.. (and with
+    STORE_G g_k into G0 + k), [p, du/dt] into slot P, the foot [x0, 0] into slot X0. Returns
+    (u, t, |p|^(q*-2), L(p), 1/|p|^2) per row."""
+    t = stage_rows(ws, XT, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
+                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
+    u = up_sweep(ws, XT, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+                 BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
+    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    down_sweep(ones, ws, XT, XT, P, 0, G0, T0, ZB0, AB,
+               w1_ptr, wh_ptr, wo_ptr, ws, ws, ws, ws, ws,
+               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
+               STORE_G=STORE_G, SECOND=False, ACCUM=False)
+    scale, lag, inv_n2 = _hamiltonian_terms(ws, P, D, q_star, BLOCK_M, BLOCK_D, D_PAD, SLOT_W,
+                                            COST)
+    _stage_foot(ws, XT, P, X0, D, t, scale, BLOCK_M, BLOCK_D, D_PAD, SLOT_W)
+    return u, t, scale, lag, inv_n2
+
+
 @triton.jit(do_not_specialize=BATCH_ARGS[:3])
 def _residual_fwd_kernel(
         x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, r_ptr, ws_ptr,
@@ -91,27 +119,19 @@ def _residual_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
         ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr):
-    # workspace slots: a_k (0..L-1), zbar ping-pong (L, L+1), abar (L+2), [x, t] (L+3),
-    # [p, du/dt] (L+4), [x0, 0] (L+5)
-    L = N_HIDDEN
-    Z = L + 3
-    pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((N_HIDDEN + 6) * BLOCK_M * SLOT_W)
-    blk = block_start + pid  # one row block per program; the launcher loops over chunks
-    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = stage_rows(ws, Z, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
-                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
-    u1 = up_sweep(ws, Z, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-                  BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
-    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    down_sweep(ones, ws, Z, Z, Z + 1, 0, 0, 0, L, L + 2,
-               w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
-               False, False, False)
-    scale, lag, _ = _hamiltonian_terms(ws, Z + 1, D, q_star, BLOCK_M, BLOCK_D, D_PAD, SLOT_W,
-                                       COST)
-    _stage_foot(ws, Z, Z + 1, Z + 2, D, t, scale, BLOCK_M, BLOCK_D, D_PAD, SLOT_W)
-    u0 = up_sweep(ws, Z + 2, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+    # workspace slots
+    A0 = 0                # a_k (A0 + k), at (x, t) and then at (x0, 0)
+    ZB0 = N_HIDDEN        # zbar ping-pong (ZB0, ZB0 + 1)
+    AB = N_HIDDEN + 2     # abar
+    XT = N_HIDDEN + 3     # [x, t]
+    P = N_HIDDEN + 4      # [p, du/dt]
+    X0 = N_HIDDEN + 5     # [x0, 0]
+    ws, rows, row_ok = program_block(ws_ptr, block_start, N, N_HIDDEN + 6, BLOCK_M, SLOT_W)
+    u1, t, scale, lag, _ = _foot_of_characteristic(
+        ws, x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, rows, N, D, stride_xn, stride_xd,
+        stride_tn, q_star, XT, P, X0, A0, A0, ZB0, AB, BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD,
+        SLOT_W, N_HIDDEN, ACT, COST, PRECISION, STORE_G=False)
+    u0 = up_sweep(ws, X0, A0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
                   BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
     tl.store(r_ptr + rows, u1 - t * lag - u0, mask=rows < N)
 
@@ -127,73 +147,66 @@ def _residual_bwd_kernel(
         H_PAD: tl.constexpr, D_PAD: tl.constexpr, SLOT_W: tl.constexpr, N_HIDDEN: tl.constexpr,
         ACT: tl.constexpr, COST: tl.constexpr, PRECISION: tl.constexpr,
         DETERMINISTIC: tl.constexpr):
-    # workspace slots: a_k at (x, t) (0..L-1), g_k at (x, t) (L..2L-1), a_k at (x0, 0) and then
-    # adot_k at (x, t) (2L..3L-1), zbar ping-pong (3L, 3L+1), abar (3L+2), and per-row input
-    # tiles: [x, t] (Z = 3L+3), [p, du/dt] then the input adjoint at (x, t) (Z+1), [x0, 0] (Z+2),
-    # the input adjoint at (x0, 0) = -rbar [p0, du0/dt] (Z+3), [pbar, 0] (Z+4)
-    L = N_HIDDEN
-    Z = 3 * L + 3
-    pid = tl.program_id(0)
-    ws = ws_ptr + pid.to(tl.int64) * ((3 * N_HIDDEN + 8) * BLOCK_M * SLOT_W)
+    # workspace slots
+    A0 = 0                    # a_k at (x, t) (A0 + k)
+    G0 = N_HIDDEN             # g_k at (x, t)
+    T0 = 2 * N_HIDDEN         # a_k at (x0, 0), then adot_k at (x, t)
+    ZB0 = 3 * N_HIDDEN        # zbar ping-pong (ZB0, ZB0 + 1)
+    AB = 3 * N_HIDDEN + 2     # abar
+    XT = 3 * N_HIDDEN + 3     # [x, t]
+    P = 3 * N_HIDDEN + 4      # [p, du/dt], then the input adjoint at (x, t)
+    X0 = 3 * N_HIDDEN + 5     # [x0, 0]
+    X0_BAR = 3 * N_HIDDEN + 6  # the input adjoint at (x0, 0) = -rbar [p0, du0/dt]
+    PBAR = 3 * N_HIDDEN + 7   # [pbar, 0]
+    ws, rows, row_ok = program_block(ws_ptr, block_start, N, 3 * N_HIDDEN + 8, BLOCK_M, SLOT_W)
     gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr = program_grads(gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr,
                                                               gc_ptr, grad_pstride, DETERMINISTIC)
-    blk = block_start + pid  # one row block per program; the launcher loops over chunks
-    rows = blk.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
     rbar = tl.load(rbar_ptr + rows, mask=row_ok, other=0.0)
-    t = stage_rows(ws, Z, x_ptr, t_ptr, rows, N, D, stride_xn, stride_xd, stride_tn,
-                   BLOCK_M, BLOCK_D, D_PAD, SLOT_W, True)
     # (x, t): a_k and g_k are kept for the second-order sweep
-    up_sweep(ws, Z, 0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
-             BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
-    ones = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    down_sweep(ones, ws, Z, Z, Z + 1, 0, L, 2 * L, 3 * L, 3 * L + 2,
-               w1_ptr, wh_ptr, wo_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr, ws_ptr,
-               BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
-               True, False, False)
-    scale, lag, inv_n2 = _hamiltonian_terms(ws, Z + 1, D, q_star, BLOCK_M, BLOCK_D, D_PAD,
-                                            SLOT_W, COST)
-    _stage_foot(ws, Z, Z + 1, Z + 2, D, t, scale, BLOCK_M, BLOCK_D, D_PAD, SLOT_W)
+    _, t, scale, lag, inv_n2 = _foot_of_characteristic(
+        ws, x_ptr, t_ptr, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr, rows, N, D, stride_xn, stride_xd,
+        stride_tn, q_star, XT, P, X0, G0, T0, ZB0, AB, BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD,
+        SLOT_W, N_HIDDEN, ACT, COST, PRECISION, STORE_G=True)
     # (x0, 0): first order with ubar = -rbar; its input adjoint is -rbar [p0, du0/dt]
-    up_sweep(ws, Z + 2, 2 * L, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
+    up_sweep(ws, X0, T0, w1_ptr, wh_ptr, b_ptr, wo_ptr, c_ptr,
              BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
-    down_sweep(-rbar, ws, Z + 2, Z + 2, Z + 3, 2 * L, L, 2 * L, 3 * L, 3 * L + 2,
+    down_sweep(-rbar, ws, X0, X0, X0_BAR, T0, G0, T0, ZB0, AB,
                w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
                BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
-               False, False, True)
+               STORE_G=False, SECOND=False, ACCUM=True)
     # pbar = t grad^2 h(p) v with v = rbar (p0 - p): two passes (p . v, then the tile)
     pv = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p0_grad_h = tl.zeros((BLOCK_M,), dtype=tl.float32)  # rbar p0 . grad h(p)
     for d0 in range(0, D_PAD, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         is_x = rd[None, :] < D
-        p = tl.where(is_x, tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
-        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        p = tl.where(is_x, tl.load(tile(ws, P, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, X0_BAR, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
         pv += tl.sum(p * (rbar_p0 - rbar[:, None] * p), axis=1)
         p0_grad_h += tl.sum(rbar_p0 * p, axis=1) * scale
     for d0 in range(0, D_PAD, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         is_x = rd[None, :] < D
-        p = tl.where(is_x, tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
-        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        p = tl.where(is_x, tl.load(tile(ws, P, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
+        rbar_p0 = tl.where(is_x, -tl.load(tile(ws, X0_BAR, d0, BLOCK_M, BLOCK_D, SLOT_W)), 0.0)
         v = rbar_p0 - rbar[:, None] * p
         if COST == 1:
             v += ((q_star - 2.0) * pv * inv_n2)[:, None] * p
-        tl.store(tile(ws, Z + 4, d0, BLOCK_M, BLOCK_D, SLOT_W), (t * scale)[:, None] * v)
+        tl.store(tile(ws, PBAR, d0, BLOCK_M, BLOCK_D, SLOT_W), (t * scale)[:, None] * v)
     tl.debug_barrier()
     # (x, t): tangent sweep from [pbar, 0], second-order sweep for (ubar, pbar) = (rbar, pbar)
-    tangent_sweep(ws, Z + 4, 0, 2 * L, w1_ptr, wh_ptr,
+    tangent_sweep(ws, PBAR, A0, T0, w1_ptr, wh_ptr,
                   BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION)
-    down_sweep(rbar, ws, Z, Z + 4, Z + 1, 0, L, 2 * L, 3 * L, 3 * L + 2,
+    down_sweep(rbar, ws, XT, PBAR, P, A0, G0, T0, ZB0, AB,
                w1_ptr, wh_ptr, wo_ptr, gw1_ptr, gwh_ptr, gb_ptr, gwo_ptr, gc_ptr,
                BLOCK_M, BLOCK_H, BLOCK_D, H_PAD, D_PAD, SLOT_W, N_HIDDEN, ACT, PRECISION,
-               False, True, True)
+               STORE_G=False, SECOND=True, ACCUM=True)
     # xbar = zbar[:d] - rbar p0,  tbar = zbar[d] + rbar p0 . grad h(p) - rbar L(p)
     tbar = p0_grad_h - rbar * lag
     for d0 in range(0, D_PAD, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
-        zbar = tl.load(tile(ws, Z + 1, d0, BLOCK_M, BLOCK_D, SLOT_W))
-        zbar_foot = tl.load(tile(ws, Z + 3, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        zbar = tl.load(tile(ws, P, d0, BLOCK_M, BLOCK_D, SLOT_W))
+        zbar_foot = tl.load(tile(ws, X0_BAR, d0, BLOCK_M, BLOCK_D, SLOT_W))
         tl.store(xbar_ptr + rows[:, None] * D + rd[None, :], zbar + zbar_foot,
                  mask=row_ok[:, None] & (rd[None, :] < D))
         tbar += tl.sum(tl.where(rd[None, :] == D, zbar, 0.0), axis=1)
@@ -201,20 +214,23 @@ def _residual_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
-def cost_code(cost):
-    """(COST constexpr, q*) for the kernels; ValueError naming the torch backend otherwise."""
-    from ncf_fast.costs import Power, Quadratic
+def check_cost(cost) -> tuple:
+    """The caller's kernel constants (COST, q*): COST_QUADRATIC (q* = 2) or COST_POWER with
+    q* > 1 (the conjugate exponent of |v|^q / q); ValueError naming the torch backend otherwise."""
+    try:
+        code, q_star = cost
+        code, q_star = int(code), float(q_star)
+    except (TypeError, ValueError):
+        code, q_star = None, 0.0
+    if code not in (COST_QUADRATIC, COST_POWER) or not q_star > 1.0:
+        raise fallback(f"the triton kernels implement the Quadratic and Power costs only, got "
+                       f"{cost!r}")
+    return code, q_star
 
-    if type(cost) is Quadratic:
-        return QUADRATIC, 2.0
-    if type(cost) is Power:
-        return POWER, float(cost.q_star)
-    raise _fallback(f"the triton kernels implement the Quadratic and Power costs only, got "
-                    f"{cost!r}")
 
-
-def residual_forward(packed, layout, cost, x, t):
-    """Launch the forward kernel: -> r (N,)."""
+def residual_forward(packed, layout, cost, x, t, precision=None):
+    """Launch the forward kernel: -> r (N,). cost: (COST, q*) as :func:`check_cost` returns it;
+    precision: the tl.dot input precision (None: the default)."""
     code, q_star = cost
     n = x.shape[0]
     r = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -226,12 +242,12 @@ def residual_forward(packed, layout, cost, x, t):
             _residual_fwd_kernel[(programs,)](
                 x, t, *packed, r, ws, n, layout.dim, start,
                 x.stride(0), x.stride(1), t.stride(0), q_star,
-                **block_constexprs(block_m, layout), COST=code, PRECISION=dot_precision(),
-                **options)
+                **block_constexprs(block_m, layout), COST=code,
+                PRECISION=precision or dot_precision(), **options)
     return r
 
 
-def residual_backward(packed, layout, cost, x, t, rbar, deterministic=False):
+def residual_backward(packed, layout, cost, x, t, rbar, deterministic=False, precision=None):
     """Launch the backward kernel: -> (packed parameter gradients, xbar (N, d), tbar (N, 1))."""
     code, q_star = cost
     n = x.shape[0]
@@ -247,24 +263,25 @@ def residual_backward(packed, layout, cost, x, t, rbar, deterministic=False):
                 x, t, rbar.float().contiguous(), *packed, *grads, xbar, tbar, ws, n,
                 layout.dim, start, x.stride(0), x.stride(1), t.stride(0), pstride, q_star,
                 **block_constexprs(block_m, layout, backward=True), COST=code,
-                PRECISION=dot_precision(), DETERMINISTIC=deterministic, **options)
+                PRECISION=precision or dot_precision(), DETERMINISTIC=deterministic, **options)
     return reduce_grads(packed, flat), xbar, tbar
 
 
 # ------------------------------------------------------------------------ autograd wrapper
 class CharacteristicResidual(torch.autograd.Function):
-    """(act, cost, deterministic, x (N, d), t (N, 1), *params) -> r (N,) with an analytic
-    backward to x, t and every parameter (no autograd.grad(create_graph=True))."""
+    """(act, cost, deterministic, precision, x (N, d), t (N, 1), *params) -> r (N,) with an
+    analytic backward to x, t and every parameter (no autograd.grad(create_graph=True)); cost:
+    the kernel constants (COST, q*); the backward uses the forward's dot precision."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, act, cost, deterministic, x, t, *params):
-        code = cost_code(cost)
+    def forward(ctx, act, cost, deterministic, precision, x, t, *params):
         layout = mlp_layout(params, act, x, t)
         x = unit_feature_stride(x)
         packed = pack_params(params, layout)
-        r = residual_forward(packed, layout, code, x, t)
-        ctx.layout, ctx.cost, ctx.deterministic = layout, code, deterministic
+        r = residual_forward(packed, layout, cost, x, t, precision)
+        ctx.layout, ctx.cost, ctx.deterministic = layout, cost, deterministic
+        ctx.precision = precision
         ctx.save_for_backward(x, t, *packed)
         ctx.set_materialize_grads(False)
         return r
@@ -276,21 +293,25 @@ class CharacteristicResidual(torch.autograd.Function):
         x, t, *packed = ctx.saved_tensors
         n_params = 2 * (ctx.layout.n_hidden + 1)
         if rbar is None:
-            return (None,) * (5 + n_params)
+            return (None,) * (6 + n_params)
         grads, xbar, tbar = residual_backward(packed, ctx.layout, ctx.cost, x, t, rbar,
-                                              ctx.deterministic)
+                                              deterministic=ctx.deterministic,
+                                              precision=ctx.precision)
         param_grads = unpack_grads(grads, ctx.layout)
         need = ctx.needs_input_grad
-        return (None, None, None, xbar if need[3] else None, tbar if need[4] else None,
-                *(g if need[5 + i] else None for i, g in enumerate(param_grads)))
+        return (None, None, None, None, xbar if need[4] else None, tbar if need[5] else None,
+                *(g if need[6 + i] else None for i, g in enumerate(param_grads)))
 
 
-def characteristic_residual(params, act, cost, x, t, deterministic: bool = False):
+def characteristic_residual(params, act, cost, x, t, deterministic: bool = False,
+                            precision: str | None = None):
     """r(x, t) = u(x, t) - t (p . grad h(p) - h(p)) - u(x - t grad h(p), 0) from the fused
     kernels: x (N, d), t (N, 1) -> (N,), differentiable in params, x and t.
 
-    cost: ncf_fast.costs.Quadratic or Power (exactly those classes; a custom Cost raises
-    ValueError naming backend "torch"). deterministic: bitwise-reproducible weight gradients
-    (see :func:`ncf_fast.kernels.mlp_potential.potential_and_grad`).
+    cost: the kernel constants (COST_QUADRATIC, 2.0) or (COST_POWER, q*), which the caller
+    derives from its cost (anything else raises ValueError naming backend "torch").
+    deterministic: bitwise-reproducible weight gradients; precision: the tl.dot input precision
+    (both as for :func:`potential_and_grad <.mlp_potential.potential_and_grad>`).
     """
-    return CharacteristicResidual.apply(act, cost, bool(deterministic), x, t, *params)
+    return CharacteristicResidual.apply(act, check_cost(cost), bool(deterministic),
+                                        check_precision(precision), x, t, *params)

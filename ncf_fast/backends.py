@@ -5,7 +5,7 @@ Two ops have backends: ``"mlp"`` (the potential u, grad_x u and the characterist
 :mod:`ncf_fast.energy`). Every op takes the same names (:data:`BACKENDS`):
 
 * ``"reference"`` -- plain torch with autograd (mlp), brute force pairs (energy): the baseline;
-* ``"torch"``     -- the fused algorithms in torch ops (mlp: :mod:`ncf_fast.fused`; energy:
+* ``"torch"``     -- the fused algorithms in torch ops (mlp: :mod:`ncf_fast.torch_backend`; energy:
   blocks of pairs), any device and dtype;
 * ``"triton"``    -- the Triton kernels (``ncf_fast.kernels``): CUDA tensors (on the CPU only
   under ``TRITON_INTERPRET=1``, for tests), within the kernels' limits below;
@@ -32,7 +32,7 @@ BACKENDS = (AUTO, REFERENCE, TORCH, TRITON)
 OPS = ("mlp", "energy")
 
 # The kernels' limits, restated here because importing the kernel modules imports triton
-# (tests/test_backends.py checks they equal kernels/mlp_sweeps.py's MAX_INPUT and MAX_WIDTH and
+# (tests/test_backends.py checks they equal kernels/mlp_launch.py's MAX_INPUT and MAX_WIDTH and
 # kernels/energy_distance.py's MAX_D).
 MLP_MAX_INPUT = 128   # d + 1: [x, t] is one register tile
 MLP_MAX_WIDTH = 512   # hidden widths

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["Cost", "Quadratic", "Power", "get"]
+__all__ = ["Cost", "Quadratic", "Power", "get", "kernel_constants"]
 
 _REGISTRY: dict[str, type["Cost"]] = {}
 
@@ -189,3 +189,17 @@ def get(spec: "str | Cost") -> Cost:
         except TypeError:
             raise ValueError(f"cost {name!r} takes no argument, got {spec!r}") from None
     return cls()
+
+
+def kernel_constants(cost: Cost) -> tuple[int, float]:
+    """(COST, q*) of ``cost`` for the Triton residual kernel (ncf_fast.kernels.COST_QUADRATIC or
+    COST_POWER): exactly Quadratic and Power, whose h the kernel implements (a subclass may
+    change h); ValueError naming backend "torch" for any other cost."""
+    from .kernels import COST_POWER, COST_QUADRATIC  # no triton import
+    if type(cost) is Quadratic:
+        return COST_QUADRATIC, 2.0
+    if type(cost) is Power:
+        return COST_POWER, float(cost.q_star)
+    raise ValueError(f"the triton kernels implement the Quadratic and Power costs only, got "
+                     f"{cost!r}; use backend='torch' (the same fused algorithm in torch ops) for "
+                     "this model")

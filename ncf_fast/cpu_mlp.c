@@ -1,4 +1,4 @@
-/* Fused elementwise passes of the torch backend's MLP sweeps on the CPU (ncf_fast/fused.py says
+/* Fused elementwise passes of the torch backend's MLP sweeps on the CPU (ncf_fast/torch_backend.py says
  * the math; ncf_fast/native.py compiles and loads this). fp32, row-major (rows x w) tensors.
  *
  *   act_forward   a += bias; z = s(a); s'(a)     one pass where torch needs addmm's bias copy,

@@ -1,14 +1,16 @@
 """Validation of user-supplied samples, labels and input files: clear errors instead of silent
-garbage or a blocked read."""
+garbage or a blocked read; loading sample and label arrays from .npy files."""
 from __future__ import annotations
 
+import math
 import os
 import stat
 
 import numpy as np
 import torch
 
-__all__ = ["check_samples", "check_labels", "check_regular_file", "magnitude_limit"]
+__all__ = ["check_samples", "check_labels", "check_regular_file", "magnitude_limit", "load_array",
+           "load_labels", "first_line"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -132,3 +134,91 @@ def check_labels(labels, n: int, name: str = "labels") -> np.ndarray:
             and np.array_equal(labels, np.round(labels)) and np.abs(labels).max(initial=0) < 2 ** 53:
         return labels.astype(np.int64)  # integral floats below 2^53 convert exactly
     raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+
+
+def first_line(exc) -> str:
+    """An exception's message on one line (at most 160 characters), for one-line errors."""
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:160]
+
+
+def load_array(path: str, what: str) -> np.ndarray:
+    """A numeric (N, d) sample array from a .npy file, or a ValueError naming the file and the
+    problem (FileNotFoundError if it does not exist); ``what`` names the array in the messages.
+
+    Never unpickles (allow_pickle=False). Integer arrays are converted to float64, float16 to
+    float32; anything else non-float (bool, complex, strings, records, objects) is refused.
+    """
+    arr = _load_npy(path, what)
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype.kind != "f":
+        raise ValueError(f"{path}: {what} has non-numeric dtype {arr.dtype}; samples must be "
+                         "real numbers (save a float array)")
+    try:
+        check_samples(arr, path)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    return np.ascontiguousarray(arr)
+
+
+def load_labels(path: str, n: int, what: str) -> np.ndarray:
+    """Integer class labels (n,) from a .npy file, or a ValueError as :func:`load_array`."""
+    arr = _load_npy(path, what)
+    if arr.dtype.kind not in "iubf":
+        raise ValueError(f"{path}: {what} has dtype {arr.dtype}; labels must be integers")
+    try:
+        return check_labels(arr, n, path)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{exc} (in {what})") from None
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    info = check_regular_file(path, f".npy file for {what}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+            if head == b"\x93NUMPY":
+                f.seek(0)
+                _check_npy_size(f, info.st_size)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if head != b"\x93NUMPY":
+        kind = ("a zip archive (.npz?); save one array with numpy.save" if head.startswith(b"PK")
+                else "no NumPy header; save the array with numpy.save")
+        raise ValueError(f"{path}: not a .npy file ({kind})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise ValueError(f"{path}: {what} is an object (pickled) array; refusing to unpickle "
+                             "it: save a numeric array instead") from None
+        raise ValueError(f"{path}: truncated or corrupted .npy file ({first_line(exc)})") from None
+    except Exception as exc:  # EOFError, OSError, UnicodeError from a mangled header
+        raise ValueError(f"{path}: truncated or corrupted .npy file ({first_line(exc)})") from None
+    if arr.dtype.hasobject:
+        raise ValueError(f"{path}: {what} holds Python objects; save a numeric array instead")
+    return arr
+
+
+def _check_npy_size(f, size: int):
+    """The header's shape times the item size against the bytes on disk, before numpy allocates
+    the array a (possibly mangled) header asks for."""
+    fmt = np.lib.format
+    try:
+        reader = {(1, 0): fmt.read_array_header_1_0,
+                  (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
+        if reader is None:  # format 3.0 (utf-8 header): np.load checks it
+            return
+        shape, _, dtype = reader(f)
+    except Exception:  # noqa: BLE001 - a mangled header: np.load names the problem below
+        return
+    if dtype.hasobject:
+        return
+    need = math.prod(shape) * dtype.itemsize
+    if need > size - f.tell():
+        raise ValueError(f"{f.name}: truncated or corrupted .npy file (its header says shape "
+                         f"{tuple(shape)} of {dtype}, {need} bytes, but the file holds "
+                         f"{size - f.tell()})")

@@ -25,7 +25,7 @@ rounding; tests/test_distributed.py checks the gradients to 1e-5):
   the union's gradient. Class-conditional: the same per class (draws are stratified, so every
   rank has the same count per class).
 * L_MMD, U-statistic (mmd_active = 0): rank r evaluates its rows of the union's U-statistic
-  against the gathered pushed samples and targets, scaled by K (:func:`rows_energy_distance`).
+  against the gathered pushed samples and targets, scaled by K (:func:`ncf_fast.energy.rows_energy_distance`).
   This is what a differentiable all-gather would compute, without its backward communication:
   the gradient a column a_k receives from another rank's rows, sum_i u(a_k - a_i), equals a row
   gradient by the symmetry of |a - a'|, so each rank takes the factor 2 on its own rows.
@@ -65,11 +65,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .energy import (_pair_bounds, _resolve, _segment_mean, _unsort, _within_weight,
-                     class_segments, segment_pair_distance_sums)
+from .energy import rows_energy_distance
 
 __all__ = ["DistContext", "DistributedError", "setup", "shutdown", "launched", "is_main",
-           "rank_prefix", "default_device", "rows_energy_distance", "TIMEOUT_ENV"]
+           "rank_prefix", "default_device", "TIMEOUT_ENV"]
 
 TIMEOUT_ENV = "NCF_DIST_TIMEOUT"
 # seconds a collective waits for the other ranks (torch's NCCL default): long enough for a first
@@ -361,71 +360,3 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """A 64-bit seed for rank's stream (SeedSequence: no overlap with seed + 1, seed + 2, ...)."""
     return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(
         1, np.uint64)[0])
-
-
-# ------------------------------------------------------------------------------------------
-# the U-statistic split by rows
-
-class _RowsEnergy(torch.autograd.Function):
-    """K x this rank's rows of the union's (class-conditional) U-statistic; gradient for a only."""
-
-    @staticmethod
-    def forward(ctx, a, a_all, b, b_all, segs, world, backend):
-        sa, spa, sb, spb = segs
-        need = ctx.needs_input_grad[0]
-        n, m = spa.counts.double(), spb.counts.double()  # the union's class counts
-        ids_a, ids_pa, ids_b, ids_pb = sa.ids, spa.ids, sb.ids, spb.ids
-        a_s, pa_s, b_s, pb_s = a[sa.order], a_all[spa.order], b[sb.order], b_all[spb.order]
-        center = 0.5 * (_segment_mean(pa_s, ids_pa, n) + _segment_mean(pb_s, ids_pb, m))
-        a_c, pa_c = a_s - center[ids_a], pa_s - center[ids_pa]
-        b_c, pb_c = b_s - center[ids_b], pb_s - center[ids_pb]
-        kw = dict(backend=backend)
-        s_ab, g_ab, _ = segment_pair_distance_sums(a_c, pb_c, sa.lo, sa.hi, spb.lo, spb.hi,
-                                                   grad_a=need, bounds=_pair_bounds(sa, spb),
-                                                   **kw)
-        # this rank's rows against the union, itself included: the self pair is exactly 0 (equal
-        # bits) and adds nothing, so the sum over i' != i is the sum over every i'
-        s_aa, g_aa, _ = segment_pair_distance_sums(a_c, pa_c, sa.lo, sa.hi, spa.lo, spa.hi,
-                                                   grad_a=need, bounds=_pair_bounds(sa, spa),
-                                                   **kw)
-        s_bb, _, _ = segment_pair_distance_sums(b_c, pb_c, sb.lo, sb.hi, spb.lo, spb.hi,
-                                                bounds=_pair_bounds(sb, spb), **kw)
-        w_aa, w_bb = _within_weight(n), _within_weight(m)
-        w_ab = 2.0 / (n * m)
-        value = world * (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
-        ga = None
-        if need:  # the factor 2 on the within term: this row's pairs and their mirror columns
-            k = len(sa.bounds)
-            g = world * (w_ab[ids_a, None] * g_ab - 2 * w_aa[ids_a, None] * g_aa) / k
-            ga = _unsort(g.to(a.dtype), sa.order, a.shape[0])
-        ctx.save_for_backward(ga)
-        return value.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, gout):
-        (ga,) = ctx.saved_tensors
-        return gout * ga, None, None, None, None, None, None
-
-
-def rows_energy_distance(a, a_all, b, b_all, world: int, labels_a=None, labels_a_all=None,
-                         labels_b=None, labels_b_all=None, backend: str = "auto"):
-    """world x (this rank's rows of the unbiased energy distance between a_all and b_all).
-
-    a (n, d): this rank's pushed samples (differentiable); a_all (N, d), b_all (M, d): the union
-    (``world`` ranks' a and b, gathered, no gradient), b (m, d): this rank's targets. With labels
-    (all four), the class-conditional mean over the classes of labels_b_all. Summed over ranks
-    and divided by ``world``, the values and the gradients are those of
-    :func:`ncf_fast.energy.energy_distance` (or its class-conditional form) on the union.
-    """
-    what = "distributed energy_distance"
-    if labels_a is None:
-        labels_a, labels_b = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-                              for x in (a, b))
-        labels_a_all, labels_b_all = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-                                      for x in (a_all, b_all))
-    classes = torch.unique(labels_b_all)
-    segs = [class_segments(lab, classes, what, side, require) for lab, side, require in
-            ((labels_a, "source", False), (labels_a_all, "source", True),
-             (labels_b, "target", False), (labels_b_all, "target", True))]
-    return _RowsEnergy.apply(a, a_all.detach(), b.detach(), b_all.detach(), segs, int(world),
-                             _resolve(backend, a))

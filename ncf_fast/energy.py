@@ -1,4 +1,4 @@
-"""Squared energy distance (MMD with kernel -|x - y|) in linear memory.
+"""Squared energy distance (MMD with kernel -|x - y|) in linear memory: its estimators.
 
 Estimator (unbiased U-statistic, the one the trainer minimises), for a (N, d) and b (M, d):
 
@@ -12,22 +12,14 @@ of a set with one sample has no pairs and is 0.
 Gradients: dE/da_i = 2/(NM) sum_j u(a_i - b_j) - 2/(N(N-1)) sum_i' u(a_i - a_i'), with
 u(v) = v/|v| and u(0) = 0 (the subgradient of minimal norm), likewise for b. All estimators
 below are built from one primitive, the pair sums S = sum_ij |a_i - b_j| and the row / column
-sums of u (:func:`pair_distance_sums`, and :func:`segment_pair_distance_sums` for label-sorted
-classes), computed in the forward pass (they cost no extra pairs).
+sums of u (:func:`ncf_fast.pair_sums.pair_distance_sums`, and its segmented form for
+label-sorted classes), computed in the forward pass (they cost no extra pairs).
 
-Backends of the primitive:
-
-* ``triton`` (ncf_fast.kernels.energy_distance): tiled kernel, tensor cores for a.b, one launch
-  for all classes; used by "auto" on CUDA for float32 with d <= 64 (:func:`ncf_fast.backends.resolve`),
-  or on request (CPU under TRITON_INTERPRET=1).
-* ``torch``: row blocks of at most ``_BLOCK_ELEMS`` pairs, so memory stays O((N + M) d) plus one
-  block. For d > ``_DIRECT_MAX_D`` distances come from the Gram form |a|^2 + |b|^2 - 2 a.b (a
-  GEMM); that form cancels for nearby points, so pairs with |a - b|^2 < _NEAR (|a|^2 + |b|^2) are
-  recomputed from explicit differences (the "near-pair correction"): every pair ends up with the
-  accuracy of the direct form, and coinciding points get exactly zero distance and gradient. For
-  small d explicit differences are used throughout (cheaper than the GEMM plus the correction,
-  which low-dimensional data triggers often).
-* ``reference`` (energy_distance only): brute force, O(NMd) memory (ncf_fast.reference).
+Every estimator is a plain function returning (value in float64, the gradient of each input
+it was asked for); one autograd Function (:class:`_GradientInForward`) hands those gradients to
+autograd. Backends: those of the primitive (:mod:`ncf_fast.pair_sums`), plus ``reference``
+(brute force, O(NMd) memory, ncf_fast.reference) for :func:`energy_distance` and
+:func:`class_conditional_energy_distance`.
 
 Inputs are centred by the mean of the pooled set first (per class for the class-conditional
 losses; the energy distance is translation invariant), which keeps |a|^2 + |b|^2 and hence the
@@ -36,6 +28,9 @@ flagged set small.
 Class-conditional rule: every class must have at least one sample on each side (a class missing
 on one side is a ValueError naming it); a class with one sample on a side has no within-set
 pairs there, so that term is 0 (its cross term still counts).
+
+Estimators over rows spread across processes (torchrun): :func:`rows_energy_distance` is one
+rank's share of the union's U-statistic; :mod:`ncf_fast.distributed` gathers the rows.
 """
 from __future__ import annotations
 
@@ -43,195 +38,48 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends, native, reference
+from . import backends, reference
+from .pair_sums import pair_distance_sums, resolve_backend, segment_pair_distance_sums
 
 __all__ = ["energy_distance", "class_conditional_energy_distance", "witness_energy_distance",
-           "class_conditional_witness_energy_distance", "per_class_mean", "pair_distance_sums",
-           "segment_pair_distance_sums", "ClassSegments", "class_segments",
-           "segmented_energy_distance", "segmented_witness_energy_distance"]
-
-# Pairs per block: 2^18 fp32 entries = 1 MB per (rows x M) matrix, so that the handful of
-# elementwise passes over a block run from cache (measured ~2x faster than 8 MB blocks on CPU).
-_BLOCK_ELEMS = 1 << 18
-# Near-pair threshold relative to |a|^2 + |b|^2: the Gram form's rounding error is a few ulps of
-# that sum, so above 2^-10 of it the computed |a - b| keeps ~1e-4 relative accuracy in fp32.
-_NEAR = 2.0 ** -10
-# Columns per block: at 4096 the column sums (Gb) cost 1/64 of a block's pair work.
-_BLOCK_COLS = 4096
-# torch path: explicit differences up to this d. Measured on CPU (1 thread, N = M = 4096, value
-# + both gradients, CPU seconds): d = 2 direct 0.24 vs GEMM + near-pair fix 0.45 (the fix touches
-# ~1e-3 of the pairs at d = 2); d = 3: 0.33 vs 0.34; d = 4: 0.40 vs 0.23.
-_DIRECT_MAX_D = 2
+           "class_conditional_witness_energy_distance", "ClassSegments", "class_segments",
+           "segmented_energy_distance", "segmented_witness_energy_distance",
+           "rows_energy_distance"]
 
 
-def _resolve(backend: str, a: torch.Tensor) -> str:
-    """The primitive's backend for a: "torch" or "triton" (:func:`ncf_fast.backends.select`;
-    "reference" is handled by callers, the primitive runs it as torch)."""
-    choice = backends.select(backend, "energy", a.device, a.dtype, a.shape[1])
-    return backends.TORCH if choice == backends.REFERENCE else choice
+# ---------------------------------------------------------------------------------------------
+# the one autograd Function: the estimators compute their gradients in the forward pass
+
+class _GradientInForward(torch.autograd.Function):
+    """value = estimator(*inputs, *args, need=...)[0]; backward scales the gradients the
+    estimator returned with it (they cost no extra pairs, so no pass is saved for backward)."""
+
+    @staticmethod
+    def forward(ctx, estimator, args, *inputs):
+        value, *grads = estimator(*inputs, *args, need=ctx.needs_input_grad[2:])
+        ctx.save_for_backward(*grads)
+        return value.to(inputs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, gout):
+        return (None, None, *(gout * g if g is not None else None for g in ctx.saved_tensors))
 
 
-def _torch_pair_sums(a, b, grad_a, grad_b, same):
-    """The torch backend of :func:`pair_distance_sums` (see the module docstring).
-
-    Blocks of at most _BLOCK_COLS columns x (_BLOCK_ELEMS / columns) rows, so that the column
-    sums (Gb) cost O(columns) per block of _BLOCK_ELEMS pairs, not O(M) per few rows.
-    """
-    if native.usable(a, b):  # fp32, d <= native.MAX_D: the compiled loop
-        return native.pair_sums(a, b, grad_a, grad_b, same)
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    direct = d <= _DIRECT_MAX_D
-    bc = min(m, _BLOCK_COLS)
-    br = max(1, _BLOCK_ELEMS // max(bc, 1))
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    ga = torch.zeros_like(a) if grad_a else None
-    gb = torch.zeros_like(b) if grad_b else None
-    if direct:
-        bt = b.t().contiguous()
-    else:
-        a2 = (a * a).sum(1, keepdim=True)
-        b2 = (b * b).sum(1, keepdim=True)
-        one_a, one_b = torch.ones_like(a2), torch.ones_like(b2)
-        # one GEMM gives |a|^2 + |b|^2 - 2 a.b: [a, |a|^2, 1] [-2 b, 1, |b|^2]^T; and [x, 1]
-        # gives the weight sums with the weighted sums (fewer passes over each block)
-        a_aug, b_aug = torch.cat([a, a2, one_a], 1), torch.cat([-2.0 * b, one_b, b2], 1)
-        a_one, b_one = torch.cat([a, one_a], 1), torch.cat([b, one_b], 1)
-        # per-row near threshold: _NEAR * (|a_i|^2 + max_j |b_j|^2) bounds _NEAR * (|a_i|^2 +
-        # |b_j|^2), so it flags a superset of the pairs that need it (they are only made exact)
-        thr = _NEAR * (a2.squeeze(1) + b2.max())
-    for c0 in range(0, m, bc):
-        c1 = min(m, c0 + bc)
-        bb = b[c0:c1]
-        for r0 in range(0, n, br):
-            r1 = min(n, r0 + br)
-            ab = a[r0:r1]
-            diag = r0 - c0  # the (i, i) pairs of a same pass sit on this diagonal of the block
-            if direct:
-                diffs = [ab[:, k:k + 1] - bt[k, c0:c1] for k in range(d)]
-                d2 = diffs[0] * diffs[0]
-                for k in range(1, d):
-                    d2.addcmul_(diffs[k], diffs[k])
-                dist = d2.sqrt_()  # the diagonal of a same pass is exactly 0 here
-                total += dist.sum(1).sum(dtype=torch.float64)  # fp32 rows of <= _BLOCK_COLS, then fp64
-                if not (grad_a or grad_b):
-                    continue
-                w = torch.nan_to_num_(dist.reciprocal_(), posinf=0.0)  # u(0) = 0
-                for k in range(d):
-                    wd = diffs[k].mul_(w)
-                    if grad_a:
-                        ga[r0:r1, k] += wd.sum(1)
-                    if grad_b:
-                        gb[c0:c1, k] -= wd.sum(0)
-                continue
-            d2 = a_aug[r0:r1] @ b_aug[c0:c1].t()
-            if same:  # the diagonal (i, i) is 0 by definition: keep it out of the near set
-                d2.diagonal(offset=diag).fill_(float("inf"))
-            rows = torch.nonzero(d2.amin(1) <= thr[r0:r1]).squeeze(1)
-            fix = rows.numel() > 0
-            if fix:  # the flagged pairs, from explicit differences
-                sub = d2[rows] <= thr[r0:r1][rows].unsqueeze(1)
-                si, nj = sub.nonzero(as_tuple=True)
-                ni = rows[si]
-                diff = ab[ni] - bb[nj]
-                d2[ni, nj] = (diff * diff).sum(1)
-            dist = d2.clamp_min_(0.0).sqrt_()
-            if same:
-                dist.diagonal(offset=diag).fill_(0.0)
-            total += dist.sum(1).sum(dtype=torch.float64)
-            if not (grad_a or grad_b):
-                continue
-            # Gram-form gradient sum_j w_ij (a_i - b_j) with w = 1/|a_i - b_j| for the regular
-            # pairs; near pairs (coinciding ones included) get w = 0 and are added exactly below
-            w = dist.reciprocal_()
-            if same:
-                w.diagonal(offset=diag).fill_(0.0)
-            if fix:
-                w[ni, nj] = 0.0
-                dn = (diff * diff).sum(1, keepdim=True).sqrt()
-                unit = diff / torch.where(dn > 0, dn, torch.ones_like(dn))
-            if grad_a:
-                wb = w @ b_one[c0:c1]  # (sum_j w_ij b_j, sum_j w_ij)
-                g = ga[r0:r1]
-                g.addcmul_(ab, wb[:, d:]).sub_(wb[:, :d])
-                if fix:
-                    g.index_add_(0, ni, unit)
-            if grad_b:
-                wa = w.t() @ a_one[r0:r1]
-                g = gb[c0:c1]
-                g.addcmul_(bb, wa[:, d:]).sub_(wa[:, :d])
-                if fix:
-                    g.index_add_(0, nj, -unit)
-    return total, ga, gb
+def _estimate(estimator, inputs: tuple, *args) -> torch.Tensor:
+    """estimator's value, differentiable in ``inputs`` (the tensors it returns gradients for);
+    without autograd (no_grad, or no input requiring grad) only the value is computed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _GradientInForward.apply(estimator, args, *inputs)
+    with torch.no_grad():
+        return estimator(*inputs, *args, need=(False,) * len(inputs))[0].to(inputs[0].dtype)
 
 
-def pair_distance_sums(a: torch.Tensor, b: torch.Tensor, *, grad_a: bool = False,
-                       grad_b: bool = False, same: bool = False, backend: str = "auto"):
-    """Sums over all pairs (i, j) of |a_i - b_j| and of the unit vectors u(a_i - b_j).
+# ---------------------------------------------------------------------------------------------
+# estimators: (value float64, gradient per input or None)
 
-    Returns (S, Ga, Gb): S = sum_ij |a_i - b_j| (a 0-d tensor, accumulated in float64),
-    Ga (N, d) = sum_j u(a_i - b_j) if grad_a, Gb (M, d) = sum_i u(b_j - a_i) if grad_b (else None).
-    ``same=True`` says b is a (the diagonal pairs are 0 and skipped).
-    backend: "auto" (:func:`ncf_fast.backends.resolve`), "torch" (one block of at most _BLOCK_ELEMS
-    pairs at a time) or "triton" (O(N + M) memory; Gb costs a second, swapped launch).
-    """
-    if _resolve(backend, a) == "torch":
-        return _torch_pair_sums(a, b, grad_a, grad_b, same)
-    from .kernels.energy_distance import pair_sums
-    if grad_b and not grad_a:  # the swapped pass alone gives S and Gb
-        s, gb = pair_sums(b, a, grad=True)
-        return s.sum(), None, gb.to(b.dtype)
-    s, ga = pair_sums(a, b, grad=grad_a)
-    gb = pair_sums(b, a, grad=True)[1].to(b.dtype) if grad_b else None
-    return s.sum(), (ga.to(a.dtype) if grad_a else None), gb
-
-
-def segment_pair_distance_sums(a, b, row_lo, row_hi, col_lo, col_hi, *, grad_a: bool = False,
-                               grad_b: bool = False, same: bool = False, backend: str = "auto",
-                               bounds=None):
-    """:func:`pair_distance_sums` within K segments: rows [row_lo_k, row_hi_k) of a against rows
-    [col_lo_k, col_hi_k) of b (integer tensors (K,); segments may be empty). ``bounds``: the same
-    segments as Python ints, ((r0, r1, c0, c1) per segment), which spares the torch backend's
-    loop a device-to-host copy.
-
-    Returns S (K,) float64 per segment, Ga (N, d), Gb (M, d) (0 on rows outside every segment, or
-    None). The triton backend runs every segment in one launch (two with Gb); the torch backend
-    loops over segments. ``same=True``: b is a and segment k of the rows is segment k of the
-    columns.
-    """
-    k_count = len(row_lo)
-    if _resolve(backend, a) == "triton":
-        from .kernels.energy_distance import segment_pair_sums
-        s_rows, ga = segment_pair_sums(a, b, row_lo, row_hi, col_lo, col_hi, grad=grad_a)
-        gb = None
-        if grad_b:
-            gb = segment_pair_sums(b, a, col_lo, col_hi, row_lo, row_hi, grad=True)[1].to(b.dtype)
-        csum = torch.nn.functional.pad(torch.cumsum(s_rows, 0), (1, 0))
-        sums = csum[row_hi.to(csum.device).long()] - csum[row_lo.to(csum.device).long()]
-        return sums, (ga.to(a.dtype) if grad_a else None), gb
-    sums = torch.zeros(k_count, dtype=torch.float64, device=a.device)
-    ga = torch.zeros_like(a) if grad_a else None
-    gb = torch.zeros_like(b) if grad_b else None
-    if bounds is None:
-        bounds = torch.stack([torch.as_tensor(x).long().cpu()
-                              for x in (row_lo, row_hi, col_lo, col_hi)]).t().tolist()
-    for k, (r0, r1, c0, c1) in enumerate(bounds):
-        if r1 <= r0 or c1 <= c0:
-            continue
-        s, g1, g2 = _torch_pair_sums(a[r0:r1], b[c0:c1], grad_a, grad_b, same)
-        sums[k] = s
-        if grad_a:
-            ga[r0:r1] = g1
-        if grad_b:
-            gb[c0:c1] += g2
-    return sums, ga, gb
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _energy_terms(a, b, need_a, need_b, backend):
-    """(value, dE/da or None, dE/db or None) of the U-statistic, value in float64."""
+def _plain(a, b, backend, need):
+    """The U-statistic E(a, b) and dE/da, dE/db."""
+    need_a, need_b = need
     n, m = a.shape[0], b.shape[0]
     center = 0.5 * (a.mean(0) + b.mean(0))
     a_c, b_c = a - center, b - center
@@ -255,113 +103,73 @@ def _energy_terms(a, b, need_a, need_b, backend):
     return value, ga, gb
 
 
-class _EnergyDistance(torch.autograd.Function):
-    """E(a, b) with both gradients computed in the forward pass (they cost no extra pairs)."""
-
-    @staticmethod
-    def forward(ctx, a, b, backend):
-        need_a, need_b = ctx.needs_input_grad[:2]
-        value, ga, gb = _energy_terms(a, b, need_a, need_b, backend)
-        ctx.save_for_backward(ga, gb)
-        return value.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, gout):
-        ga, gb = ctx.saved_tensors
-        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None), \
-            None
-
-
-def _check_pair(a, b, what="energy_distance"):
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        raise TypeError(f"{what} takes torch tensors, got {type(a).__name__}, {type(b).__name__}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"{what} needs a (N, d) and b (M, d) with the same d, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] < 1 or b.shape[0] < 1:
-        raise ValueError(f"{what} needs at least one sample in each set, "
-                         f"got N={a.shape[0]}, M={b.shape[0]}")
-    if a.dtype != b.dtype or not a.dtype.is_floating_point:
-        raise TypeError(f"{what} needs two floating tensors of one dtype, got {a.dtype}, {b.dtype}")
+def _witness(a, passive, b, within_rows, backend, need):
+    """The witness estimate (:func:`witness_energy_distance`) and its gradient for a."""
+    n, k, m = a.shape[0], passive.shape[0], b.shape[0]
+    (need_a,) = need
+    center = 0.5 * (passive.mean(0) + b.mean(0))
+    a_c, p_c, b_c = a - center, passive - center, b - center
+    s_ab, g_ab, _ = pair_distance_sums(a_c, b_c, grad_a=need_a, backend=backend)
+    s_ap, g_ap, _ = pair_distance_sums(a_c, p_c, grad_a=need_a, backend=backend)
+    value = s_ab * (2.0 / (n * m)) - s_ap / (n * k)
+    mb = min(m, within_rows)
+    if mb > 1:  # E|Y - Y'| is a constant: an unbiased estimate from a subsample is enough
+        s_bb, _, _ = pair_distance_sums(b_c[:mb], b_c[:mb], same=True, backend=backend)
+        value = value - s_bb / (mb * (mb - 1))
+    return value, (g_ab * (2.0 / (n * m)) - g_ap * (2.0 / (n * k)) if need_a else None)
 
 
-def energy_distance(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Unbiased squared energy distance between a (N, d) and b (M, d): a 0-d tensor.
-
-    Differentiable in a and b; the gradient at coinciding points is finite (0 for that pair).
-    backend: "torch" (block-wise, linear memory), "reference" (brute force, O(NMd) memory),
-    "triton" (tiled kernel, linear memory; CUDA, or CPU under TRITON_INTERPRET=1, computes in
-    float32), "auto" (triton on CUDA for float32 with d <= 64, else torch:
-    :func:`ncf_fast.backends.resolve`). Without autograd (no_grad, or no
-    input requiring grad) only the value is computed.
-    """
-    _check_pair(a, b)
-    if backend == "reference":
-        return reference.energy_distance(a, b)
-    backend = _resolve(backend, a)
-    if not _needs_grad(a, b):
-        return _energy_terms(a, b, False, False, backend)[0].to(a.dtype)
-    return _EnergyDistance.apply(a, b, backend)
+def _class_conditional(a, b, seg_a, seg_b, backend, need):
+    """The mean over classes of E(a_k, b_k) and both gradients."""
+    need_a, need_b = need
+    n, m = seg_a.counts.double(), seg_b.counts.double()
+    a_c, b_c = _sorted_centred(((a, seg_a), (b, seg_b)), pooled=(0, 1))
+    s_ab, g_ab, g_ba = _segment_sums(a_c, b_c, seg_a, seg_b, backend, grad_a=need_a, grad_b=need_b)
+    s_aa, g_aa, _ = _segment_sums(a_c, a_c, seg_a, seg_a, backend, grad_a=need_a, same=True)
+    s_bb, g_bb, _ = _segment_sums(b_c, b_c, seg_b, seg_b, backend, grad_a=need_b, same=True)
+    w_aa, w_bb, w_ab = _within_weight(n), _within_weight(m), 2.0 / (n * m)
+    value = (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
+    ga = _class_gradient(a, seg_a, (w_ab, g_ab), (-2 * w_aa, g_aa)) if need_a else None
+    gb = _class_gradient(b, seg_b, (w_ab, g_ba), (-2 * w_bb, g_bb)) if need_b else None
+    return value, ga, gb
 
 
-class _WitnessEnergy(torch.autograd.Function):
-    """Value: unbiased estimate of E(T#mu, nu); gradient: unbiased for dE/da_i (see the wrapper)."""
-
-    @staticmethod
-    def forward(ctx, a, passive, b, within_rows, backend):
-        n, k, m = a.shape[0], passive.shape[0], b.shape[0]
-        need = ctx.needs_input_grad[0]
-        center = 0.5 * (passive.mean(0) + b.mean(0))
-        a_c, p_c, b_c = a - center, passive - center, b - center
-        s_ab, g_ab, _ = pair_distance_sums(a_c, b_c, grad_a=need, backend=backend)
-        s_ap, g_ap, _ = pair_distance_sums(a_c, p_c, grad_a=need, backend=backend)
-        value = s_ab * (2.0 / (n * m)) - s_ap / (n * k)
-        mb = min(m, within_rows)
-        if mb > 1:  # E|Y - Y'| is a constant: an unbiased estimate from a subsample is enough
-            s_bb, _, _ = pair_distance_sums(b_c[:mb], b_c[:mb], same=True, backend=backend)
-            value = value - s_bb / (mb * (mb - 1))
-        ctx.save_for_backward(g_ab * (2.0 / (n * m)) - g_ap * (2.0 / (n * k)) if need else None)
-        return value.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, gout):
-        (ga,) = ctx.saved_tensors
-        return gout * ga, None, None, None, None
+def _class_conditional_witness(a, passive, b, seg_a, seg_p, seg_b, within_rows, backend, need):
+    """The mean over classes of the witness estimate and its gradient for a."""
+    (need_a,) = need
+    n, kk, m = (seg.counts.double() for seg in (seg_a, seg_p, seg_b))
+    a_c, p_c, b_c = _sorted_centred(((a, seg_a), (passive, seg_p), (b, seg_b)), pooled=(1, 2))
+    s_ab, g_ab, _ = _segment_sums(a_c, b_c, seg_a, seg_b, backend, grad_a=need_a)
+    s_ap, g_ap, _ = _segment_sums(a_c, p_c, seg_a, seg_p, backend, grad_a=need_a)
+    # the within-target constant from each class's first min(m_k, within_rows) rows
+    lo_b = seg_b.lo
+    hi_w = torch.minimum(seg_b.hi, lo_b + within_rows)
+    bounds_w = tuple((l0, min(h0, l0 + within_rows)) * 2 for l0, h0 in seg_b.bounds)
+    s_bb, _, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_w, lo_b, hi_w, same=True,
+                                            backend=backend, bounds=bounds_w)
+    w_bb = _within_weight((hi_w - lo_b).double())
+    value = (2.0 / (n * m) * s_ab - s_ap / (n * kk) - w_bb * s_bb).mean()
+    ga = _class_gradient(a, seg_a, (2.0 / (n * m), g_ab), (-2.0 / (n * kk), g_ap)) if need_a else None
+    return value, ga
 
 
-def witness_energy_distance(active: torch.Tensor, passive: torch.Tensor, target: torch.Tensor,
-                            within_rows: int = 512, backend: str = "auto") -> torch.Tensor:
-    """Energy distance estimated from the pushed samples' witness function (*ours*, for training).
-
-    active (N, d): pushed samples T(x_i) that carry the gradient; passive (K, d): more pushed
-    samples T(x'_k), independent of ``active`` (their gradient is not taken); target (M, d).
-
-    Value: 2/(NM) sum |a_i - b_j| - 1/(NK) sum |a_i - c_k| - 1/(M'(M'-1)) sum_{j!=j'} |b_j - b_j'|
-    (M' = min(M, within_rows) rows of the target), an unbiased estimate of E(T#mu, nu).
-    Gradient with respect to a_i: 2/(NM) sum_j u(a_i - b_j) - 2/(NK) sum_k u(a_i - c_k), an
-    unbiased estimate of the population gradient dE/dT(x_i) (the factor 2 on the second sum is
-    the symmetry of E|T(X) - T(X')|). Its noise falls like 1/sqrt(M) + 1/sqrt(K) for O(N(M + K))
-    pairs, against 1/sqrt(N) for the N^2 pairs of the U-statistic over N pushed samples: a few
-    active samples against many passive ones and targets give a far quieter gradient per pair.
-    backend: "auto" | "torch" | "triton", as for :func:`energy_distance`.
-    """
-    _check_pair(active, target, "witness_energy_distance")
-    _check_pair(passive, target, "witness_energy_distance")
-    backend = _resolve(backend, active)
-    if not _needs_grad(active):
-        with torch.no_grad():
-            return _WitnessEnergy.forward(_ValueCtx(), active, passive, target, int(within_rows),
-                                          backend)
-    return _WitnessEnergy.apply(active, passive.detach(), target.detach(), int(within_rows),
-                                backend)
-
-
-class _ValueCtx:
-    """Stands in for autograd's ctx when only the value is wanted (no gradient passes)."""
-    needs_input_grad = (False, False, False, False, False)
-
-    def save_for_backward(self, *tensors):
-        pass
+def _rows(a, a_all, b, b_all, segs, world, backend, need):
+    """world x this rank's rows of the union's class-conditional U-statistic, gradient for a."""
+    sa, spa, sb, spb = segs
+    (need_a,) = need
+    n, m = spa.counts.double(), spb.counts.double()  # the union's class counts
+    a_c, pa_c, b_c, pb_c = _sorted_centred(((a, sa), (a_all, spa), (b, sb), (b_all, spb)),
+                                           pooled=(1, 3))
+    s_ab, g_ab, _ = _segment_sums(a_c, pb_c, sa, spb, backend, grad_a=need_a)
+    # this rank's rows against the union, itself included: the self pair is exactly 0 (equal
+    # bits) and adds nothing, so the sum over i' != i is the sum over every i'
+    s_aa, g_aa, _ = _segment_sums(a_c, pa_c, sa, spa, backend, grad_a=need_a)
+    s_bb, _, _ = _segment_sums(b_c, pb_c, sb, spb, backend)
+    w_aa, w_bb, w_ab = _within_weight(n), _within_weight(m), 2.0 / (n * m)
+    value = world * (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
+    # the factor 2 on the within term: this row's pairs and their mirror columns
+    ga = _class_gradient(a, sa, (w_ab, g_ab), (-2 * w_aa, g_aa), scale=world) if need_a else None
+    return value, ga
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,46 +252,82 @@ def _unsort(g, order, n_rows):
     return out
 
 
-class _ClassConditionalEnergy(torch.autograd.Function):
-    """Mean over classes of E(a_k, b_k), both gradients computed in the forward pass."""
+def _sorted_centred(sets, pooled):
+    """The (x, segments) sets sorted by class, each row minus the midpoint of its class's means
+    in the two sets ``pooled`` names (per-class centring: see the module docstring)."""
+    xs = [x[seg.order] for x, seg in sets]
+    (i, si), (j, sj) = ((k, sets[k][1]) for k in pooled)
+    center = 0.5 * (_segment_mean(xs[i], si.ids, si.counts) + _segment_mean(xs[j], sj.ids, sj.counts))
+    return tuple(x - center[seg.ids] for x, (_, seg) in zip(xs, sets))
 
-    @staticmethod
-    def forward(ctx, a, b, seg_a, seg_b, backend):
-        need_a, need_b = ctx.needs_input_grad[:2]
-        n, m = seg_a.counts.double(), seg_b.counts.double()
-        ids_a, ids_b = seg_a.ids, seg_b.ids
-        a_s, b_s = a[seg_a.order], b[seg_b.order]
-        center = 0.5 * (_segment_mean(a_s, ids_a, n) + _segment_mean(b_s, ids_b, m))
-        a_c, b_c = a_s - center[ids_a], b_s - center[ids_b]
-        kw = dict(backend=backend)
-        s_ab, g_ab, g_ba = segment_pair_distance_sums(
-            a_c, b_c, seg_a.lo, seg_a.hi, seg_b.lo, seg_b.hi, grad_a=need_a, grad_b=need_b,
-            bounds=_pair_bounds(seg_a, seg_b), **kw)
-        s_aa, g_aa, _ = segment_pair_distance_sums(
-            a_c, a_c, seg_a.lo, seg_a.hi, seg_a.lo, seg_a.hi, grad_a=need_a, same=True,
-            bounds=_pair_bounds(seg_a, seg_a), **kw)
-        s_bb, g_bb, _ = segment_pair_distance_sums(
-            b_c, b_c, seg_b.lo, seg_b.hi, seg_b.lo, seg_b.hi, grad_a=need_b, same=True,
-            bounds=_pair_bounds(seg_b, seg_b), **kw)
-        w_aa, w_bb = _within_weight(n), _within_weight(m)
-        w_ab = 2.0 / (n * m)
-        k = len(seg_a.bounds)
-        value = (w_ab * s_ab - w_aa * s_aa - w_bb * s_bb).mean()
-        ga = gb = None
-        if need_a:
-            ga = _unsort(((w_ab[ids_a, None] * g_ab - 2 * w_aa[ids_a, None] * g_aa) / k)
-                         .to(a.dtype), seg_a.order, a.shape[0])
-        if need_b:
-            gb = _unsort(((w_ab[ids_b, None] * g_ba - 2 * w_bb[ids_b, None] * g_bb) / k)
-                         .to(b.dtype), seg_b.order, b.shape[0])
-        ctx.save_for_backward(ga, gb)
-        return value.to(a.dtype)
 
-    @staticmethod
-    def backward(ctx, gout):
-        ga, gb = ctx.saved_tensors
-        return (gout * ga if ga is not None else None), (gout * gb if gb is not None else None), \
-            None, None, None
+def _segment_sums(x, y, seg_x: ClassSegments, seg_y: ClassSegments, backend, **flags):
+    """:func:`segment_pair_distance_sums` of class k of x against class k of y, for every k."""
+    return segment_pair_distance_sums(x, y, seg_x.lo, seg_x.hi, seg_y.lo, seg_y.hi,
+                                      backend=backend, bounds=_pair_bounds(seg_x, seg_y), **flags)
+
+
+def _class_gradient(x, seg: ClassSegments, *terms, scale=1.0):
+    """scale x the mean over classes of sum_t w_t[class] g_t (sorted rows), in x's row order."""
+    g = None
+    for w, gt in terms:
+        term = w[seg.ids, None] * gt
+        g = term if g is None else g + term
+    return _unsort((scale * g / len(seg.bounds)).to(x.dtype), seg.order, x.shape[0])
+
+
+def _check_pair(a, b, what="energy_distance"):
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise TypeError(f"{what} takes torch tensors, got {type(a).__name__}, {type(b).__name__}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"{what} needs a (N, d) and b (M, d) with the same d, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 1 or b.shape[0] < 1:
+        raise ValueError(f"{what} needs at least one sample in each set, "
+                         f"got N={a.shape[0]}, M={b.shape[0]}")
+    if a.dtype != b.dtype or not a.dtype.is_floating_point:
+        raise TypeError(f"{what} needs two floating tensors of one dtype, got {a.dtype}, {b.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the public losses: checks, then one estimator through _estimate
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Unbiased squared energy distance between a (N, d) and b (M, d): a 0-d tensor.
+
+    Differentiable in a and b; the gradient at coinciding points is finite (0 for that pair).
+    backend: "torch" (block-wise, linear memory), "reference" (brute force, O(NMd) memory),
+    "triton" (tiled kernel, linear memory; CUDA, or CPU under TRITON_INTERPRET=1, computes in
+    float32), "auto" (triton on CUDA for float32 with d <= 64, else torch:
+    :func:`ncf_fast.backends.resolve`). Without autograd (no_grad, or no
+    input requiring grad) only the value is computed.
+    """
+    _check_pair(a, b)
+    if backend == backends.REFERENCE:
+        return reference.energy_distance(a, b)
+    return _estimate(_plain, (a, b), resolve_backend(backend, a))
+
+
+def witness_energy_distance(active: torch.Tensor, passive: torch.Tensor, target: torch.Tensor,
+                            within_rows: int = 512, backend: str = "auto") -> torch.Tensor:
+    """Energy distance estimated from the pushed samples' witness function (*ours*, for training).
+
+    active (N, d): pushed samples T(x_i) that carry the gradient; passive (K, d): more pushed
+    samples T(x'_k), independent of ``active`` (their gradient is not taken); target (M, d).
+
+    Value: 2/(NM) sum |a_i - b_j| - 1/(NK) sum |a_i - c_k| - 1/(M'(M'-1)) sum_{j!=j'} |b_j - b_j'|
+    (M' = min(M, within_rows) rows of the target), an unbiased estimate of E(T#mu, nu).
+    Gradient with respect to a_i: 2/(NM) sum_j u(a_i - b_j) - 2/(NK) sum_k u(a_i - c_k), an
+    unbiased estimate of the population gradient dE/dT(x_i) (the factor 2 on the second sum is
+    the symmetry of E|T(X) - T(X')|). Its noise falls like 1/sqrt(M) + 1/sqrt(K) for O(N(M + K))
+    pairs, against 1/sqrt(N) for the N^2 pairs of the U-statistic over N pushed samples: a few
+    active samples against many passive ones and targets give a far quieter gradient per pair.
+    backend: "auto" | "torch" | "triton", as for :func:`energy_distance`.
+    """
+    _check_pair(active, target, "witness_energy_distance")
+    _check_pair(passive, target, "witness_energy_distance")
+    return _estimate(_witness, (active,), passive.detach(), target.detach(), int(within_rows),
+                     resolve_backend(backend, active))
 
 
 def _check_labels(x, labels, what, side):
@@ -516,7 +360,7 @@ def class_conditional_energy_distance(a, b, labels_a, labels_b, backend: str = "
         only_b = sorted(set(classes_b.tolist()) - set(classes_a.tolist()))
         raise ValueError(f"classes must appear in both sets: only in source {only_a}, "
                          f"only in target {only_b}")
-    if backend == "reference":
+    if backend == backends.REFERENCE:
         return torch.stack([reference.energy_distance(a[labels_a == k], b[labels_b == k])
                             for k in classes_a]).mean()
     return segmented_energy_distance(a, b, class_segments(labels_a, classes_a, what, "source"),
@@ -529,50 +373,7 @@ def segmented_energy_distance(a, b, seg_a: ClassSegments, seg_b: ClassSegments,
     ``seg_b`` (:class:`ClassSegments`, class k of one is class k of the other, every class
     non-empty) from :func:`class_segments` or :meth:`ClassSegments.blocks`. No host sync."""
     _check_pair(a, b, "segmented_energy_distance")
-    backend = _resolve(backend, a)
-    if not _needs_grad(a, b):
-        with torch.no_grad():
-            return _ClassConditionalEnergy.forward(_ValueCtx(), a, b, seg_a, seg_b, backend)
-    return _ClassConditionalEnergy.apply(a, b, seg_a, seg_b, backend)
-
-
-class _ClassConditionalWitness(torch.autograd.Function):
-    """Mean over classes of the witness estimate (witness_energy_distance), one pass per term."""
-
-    @staticmethod
-    def forward(ctx, a, passive, b, seg_a, seg_p, seg_b, within_rows, backend):
-        need = ctx.needs_input_grad[0]
-        n, kk, m = (seg.counts.double() for seg in (seg_a, seg_p, seg_b))
-        ids_a, ids_p, ids_b = seg_a.ids, seg_p.ids, seg_b.ids
-        a_s, p_s, b_s = a[seg_a.order], passive[seg_p.order], b[seg_b.order]
-        center = 0.5 * (_segment_mean(p_s, ids_p, kk) + _segment_mean(b_s, ids_b, m))
-        a_c, p_c, b_c = a_s - center[ids_a], p_s - center[ids_p], b_s - center[ids_b]
-        s_ab, g_ab, _ = segment_pair_distance_sums(
-            a_c, b_c, seg_a.lo, seg_a.hi, seg_b.lo, seg_b.hi, grad_a=need, backend=backend,
-            bounds=_pair_bounds(seg_a, seg_b))
-        s_ap, g_ap, _ = segment_pair_distance_sums(
-            a_c, p_c, seg_a.lo, seg_a.hi, seg_p.lo, seg_p.hi, grad_a=need, backend=backend,
-            bounds=_pair_bounds(seg_a, seg_p))
-        # the within-target constant from each class's first min(m_k, within_rows) rows
-        lo_b = seg_b.lo
-        hi_w = torch.minimum(seg_b.hi, lo_b + within_rows)
-        bounds_w = tuple((l0, min(h0, l0 + within_rows)) * 2 for l0, h0 in seg_b.bounds)
-        s_bb, _, _ = segment_pair_distance_sums(b_c, b_c, lo_b, hi_w, lo_b, hi_w, same=True,
-                                                backend=backend, bounds=bounds_w)
-        w_bb = _within_weight((hi_w - lo_b).double())
-        value = (2.0 / (n * m) * s_ab - s_ap / (n * kk) - w_bb * s_bb).mean()
-        ga = None
-        if need:
-            k = len(seg_a.bounds)
-            g = ((2.0 / (n * m))[ids_a, None] * g_ab - (2.0 / (n * kk))[ids_a, None] * g_ap) / k
-            ga = _unsort(g.to(a.dtype), seg_a.order, a.shape[0])
-        ctx.save_for_backward(ga)
-        return value.to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, gout):
-        (ga,) = ctx.saved_tensors
-        return gout * ga, None, None, None, None, None, None, None
+    return _estimate(_class_conditional, (a, b), seg_a, seg_b, resolve_backend(backend, a))
 
 
 def class_conditional_witness_energy_distance(active, passive, target, labels_active,
@@ -607,32 +408,30 @@ def segmented_witness_energy_distance(active, passive, target, seg_active: Class
     what = "segmented_witness_energy_distance"
     _check_pair(active, target, what)
     _check_pair(passive, target, what)
-    backend = _resolve(backend, active)
-    args = (passive.detach(), target.detach(), seg_active, seg_passive, seg_target,
-            int(within_rows), backend)
-    if not _needs_grad(active):
-        with torch.no_grad():
-            return _ClassConditionalWitness.forward(_ValueCtx(), active, *args)
-    return _ClassConditionalWitness.apply(active, *args)
+    return _estimate(_class_conditional_witness, (active,), passive.detach(), target.detach(),
+                     seg_active, seg_passive, seg_target, int(within_rows),
+                     resolve_backend(backend, active))
 
 
-def per_class_mean(fn, classes, *sets_and_labels):
-    """Mean over ``classes`` of fn(x1[labels1 == k], x2[labels2 == k], ...).
+def rows_energy_distance(a, a_all, b, b_all, world: int, labels_a=None, labels_a_all=None,
+                         labels_b=None, labels_b_all=None, backend: str = "auto"):
+    """world x (this rank's rows of the unbiased energy distance between a_all and b_all).
 
-    For fn = witness_energy_distance (the trainer's class-conditional loss) or energy_distance
-    every class is done in one primitive call per term (label-sorted segments, one kernel launch
-    on the triton backend); any other fn is called per class.
+    a (n, d): this rank's pushed samples (differentiable); a_all (N, d), b_all (M, d): the union
+    (``world`` ranks' a and b, gathered, no gradient), b (m, d): this rank's targets. With labels
+    (all four), the class-conditional mean over the classes of labels_b_all. Summed over ranks
+    and divided by ``world``, the values and the gradients are those of
+    :func:`ncf_fast.energy.energy_distance` (or its class-conditional form) on the union.
     """
-    classes = torch.as_tensor(classes)
-    if fn is witness_energy_distance and len(sets_and_labels) == 3:
-        (a, la), (p, lp), (b, lb) = sets_and_labels
-        return class_conditional_witness_energy_distance(a, p, b, la, lp, lb, classes=classes)
-    if fn is energy_distance and len(sets_and_labels) == 2:
-        (a, la), (b, lb) = sets_and_labels
-        what = "per_class_mean(energy_distance)"
-        _check_pair(a, b, what)
-        classes = torch.unique(classes)
-        return segmented_energy_distance(a, b, class_segments(la, classes, what, "source"),
-                                         class_segments(lb, classes, what, "target"))
-    terms = [fn(*(x[lab == k] for x, lab in sets_and_labels)) for k in classes]
-    return torch.stack(terms).mean()
+    what = "distributed energy_distance"
+    if labels_a is None:
+        labels_a, labels_b = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                              for x in (a, b))
+        labels_a_all, labels_b_all = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                                      for x in (a_all, b_all))
+    classes = torch.unique(labels_b_all)
+    segs = [class_segments(lab, classes, what, side, require) for lab, side, require in
+            ((labels_a, "source", False), (labels_a_all, "source", True),
+             (labels_b, "target", False), (labels_b_all, "target", True))]
+    return _estimate(_rows, (a,), a_all.detach(), b.detach(), b_all.detach(), segs, int(world),
+                     resolve_backend(backend, a))

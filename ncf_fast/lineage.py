@@ -48,20 +48,25 @@ CONF_MAP: tuple[tuple[str, str | None, str], ...] = (
     ("network.inputs.dims", "model.hidden", "hidden widths"),
     ("network.inputs.beta", "model.activation",
      "softplus; training uses beta 1 (ncf_fast's softplus), a checkpoint's beta is honoured exactly"),
-    ("network.inputs.skip_in", None, "ignored: ncf_fast's MLP has no skip connections"),
-    ("network.inputs.geometric_init", None, "ignored: ncf_fast starts u constant (T = identity)"),
-    ("network.inputs.radius_init", None, "ignored (geometric initialisation)"),
-    ("train.plot_frequency", None, "ignored: the plots are drawn once, at the end"),
-    ("train.d_in", None, "ignored: d comes from the data"),
-    ("train.network_class", None, "ignored: the network is ncf_fast's"),
-    ("train.input_path", None, "ignored: --data_dir, --input, --output name the data"),
-    ("train.dataset_path", None, "ignored, as input_path"),
-    ("train.preprocess", None, "ignored: ncf_fast standardises the data itself"),
-    ("train.latent_size", None, "ignored: no latent codes"),
-    ("network.sampler.*", None, "ignored: ncf_fast's collocation is `train.collocation`"),
-    ("network.loss.*", None, "ignored: ncf_fast's loss weight is `train.mmd_weight`"),
-    ("plot.*", None, "ignored: ncf_fast's plots take `run.plot_points`"),
 )
+# the research code's keys that mean nothing here: key, then why (one per line)
+_IGNORED = """\
+network.inputs.skip_in         ignored: ncf_fast's MLP has no skip connections
+network.inputs.geometric_init  ignored: ncf_fast starts u constant (T = identity)
+network.inputs.radius_init     ignored (geometric initialisation)
+train.plot_frequency           ignored: the plots are drawn once, at the end
+train.d_in                     ignored: d comes from the data
+train.network_class            ignored: the network is ncf_fast's
+train.input_path               ignored: --data_dir, --input, --output name the data
+train.dataset_path             ignored, as input_path
+train.preprocess               ignored: ncf_fast standardises the data itself
+train.latent_size              ignored: no latent codes
+network.sampler.*              ignored: ncf_fast's collocation is `train.collocation`
+network.loss.*                 ignored: ncf_fast's loss weight is `train.mmd_weight`
+plot.*                         ignored: ncf_fast's plots take `run.plot_points`
+"""
+CONF_MAP += tuple((line[:line.index(" ")], None, line[line.index(" "):].strip())
+                  for line in _IGNORED.splitlines())
 _MAPPED = {k: v for k, v, _ in CONF_MAP if not k.endswith(".*")}
 _SECTIONS = tuple(k[:-2] for k, _, _ in CONF_MAP if k.endswith(".*"))
 _SCHEDULE_KEYS = {"Step": ("Initial", "Interval", "Factor"), "Constant": ("Value",)}

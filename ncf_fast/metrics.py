@@ -9,7 +9,8 @@ import torch
 
 from .energy import energy_distance as _energy_distance
 
-__all__ = ["l2_uvp", "energy_distance", "w2_exact", "cycle_error", "cycle_error_relative"]
+__all__ = ["l2_uvp", "energy_distance", "w2_exact", "cycle_error", "cycle_error_relative",
+           "transport_metrics"]
 
 
 def _np(x, name) -> np.ndarray:
@@ -101,3 +102,24 @@ def cycle_error_relative(model, x) -> float:
         raise ValueError(f"cycle_error_relative needs at least 2 rows, got {xs.shape[0]}")
     back = _np(model.inverse(model.transport(x)), "T^-1(T(x))")
     return float(100.0 * ((back - xs) ** 2).sum(1).mean() / xs.var(axis=0, ddof=1).sum())
+
+
+def transport_metrics(model, x, y, pushed, pulled, rows_x, rows_y, oracle=None) -> dict:
+    """The accuracy block of ``ncf-fast evaluate`` and of a run's metrics.json.
+
+    x (N, d), y (M, d): source and target samples; pushed = T(x) (N, d), pulled = T^-1(y) (M, d);
+    rows_x, rows_y: the rows the O(n^2) energy distances and the cycle error use (index arrays);
+    oracle: an object with ``forward_map``/``inverse_map`` (the exact maps, e.g.
+    :class:`ncf_fast.problems.GaussianOT`) adds the L2-UVP of both maps over all rows.
+    Returns floats: energy distances in data units, the relative cycle error and L2-UVP in %.
+    """
+    xs, ys = x[rows_x], y[rows_y]
+    out = {"energy_distance_initial": energy_distance(xs, ys),
+           "energy_distance_forward": energy_distance(pushed[rows_x], ys),
+           "energy_distance_backward": energy_distance(pulled[rows_y], xs),
+           "cycle_error": cycle_error(model, xs),
+           "cycle_error_relative": cycle_error_relative(model, xs)}
+    if oracle is not None:
+        out["l2_uvp_forward"] = l2_uvp(pushed, oracle.forward_map(x), y)
+        out["l2_uvp_backward"] = l2_uvp(pulled, oracle.inverse_map(y), x)
+    return out

@@ -4,16 +4,13 @@ passes of the torch backend's MLP sweeps.
 Pair sums (cpu_pairs.c). In d <= MAX_D the torch path costs a dozen elementwise passes per block
 of pairs (explicit differences in d <= 2, the Gram form with its near-pair fix above); one C loop
 (explicit differences, fp32 arithmetic, double accumulators, vectorised over 64 columns, OpenMP
-over rows) does the same sums faster. Measured on 2 cores, 256 active rows x m columns, value and
-row gradient (the training step's shape), best of 5: d = 2, m = 2048: 0.32 vs 0.61 ms; m = 8192:
-1.07 vs 2.62 ms; d = 4: 0.42 vs 1.36, 1.56 vs 5.88 ms; d = 8: 0.70 vs 1.36, 2.75 vs 5.41 ms;
-d = 16: 1.21 vs 0.97, 4.84 vs 4.00 ms (the GEMM wins from here on); d = 64: 3.66 vs 1.50 ms.
-Hence MAX_D = 8.
+over rows) does the same sums faster up to MAX_D = 8; from d = 16 on the Gram form's GEMM is
+faster (the timings: README, "Energy distance at scale").
 
-MLP passes (cpu_mlp.c): for fp32 CPU tensors, each elementwise step of ncf_fast/fused.py's
+MLP passes (cpu_mlp.c): for fp32 CPU tensors, each elementwise step of ncf_fast/torch_backend.py's
 sweeps (activation with its derivative, input adjoint with the curvature, tangent, adjoint with
-the bias gradient) as one vectorised loop instead of two to four torch ops; softplus alone costs
-torch ~1.9 ms per (4096, 128) call after its GEMM against 0.44 ms here (measured on 2 cores).
+the bias gradient) as one vectorised loop instead of two to four torch ops (each op is a pass
+over the (rows, width) block, so the loop saves memory traffic).
 
 Each source is compiled on first use with the system C compiler (``CC`` or ``cc``) into a cache
 folder (``NCF_FAST_CACHE``, else ``$XDG_CACHE_HOME/ncf_fast`` or ``~/.cache/ncf_fast``), once per
@@ -123,7 +120,7 @@ def usable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def pair_sums(a: torch.Tensor, b: torch.Tensor, grad_a: bool, grad_b: bool, same: bool):
-    """(S, Ga, Gb) as :func:`ncf_fast.energy.pair_distance_sums` returns them (S in float64,
+    """(S, Ga, Gb) as :func:`ncf_fast.pair_sums.pair_distance_sums` returns them (S in float64,
     Ga and Gb in fp32, None when not asked for)."""
     n, d = a.shape
     m = b.shape[0]
@@ -142,7 +139,7 @@ def pair_sums(a: torch.Tensor, b: torch.Tensor, grad_a: bool, grad_b: bool, same
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch backend's elementwise passes (cpu_mlp.c): see ncf_fast/fused.py for where they run.
+# The torch backend's elementwise passes (cpu_mlp.c): see ncf_fast/torch_backend.py for where they run.
 
 MLP_SOURCE = Path(__file__).with_name("cpu_mlp.c")
 _KIND = {"softplus": 0, "tanh": 1, "silu": 2}

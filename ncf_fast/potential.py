@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backends, fused, reference
+from . import backends, costs, reference, torch_backend
 from .activations import check_activation
 
 __all__ = ["PotentialMLP", "as_time_column"]
@@ -86,12 +86,12 @@ class PotentialMLP(nn.Module):
         """
         x, t = self._inputs(x, t)
         backend = self._backend(x)
-        if backend == "reference":
+        if backend == backends.REFERENCE:
             return reference.potential_and_grad(self.params, self.activation, x, t,
                                                 create_graph=create_graph)
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-            if backend == "torch":
-                u, p = fused.potential_and_grad(self.params, self.activation, x, t)
+            if backend == backends.TORCH:
+                u, p = torch_backend.potential_and_grad(self.params, self.activation, x, t)
             else:
                 from .kernels import potential_and_grad as triton_potential_and_grad
                 u, p = triton_potential_and_grad(self.params, self.activation, x, t,
@@ -102,10 +102,10 @@ class PotentialMLP(nn.Module):
         """r(x, t) per point (N,), differentiable in the parameters; see ncf_fast.losses."""
         x, t = self._inputs(x, t)
         backend = self._backend(x, cost)
-        if backend == "reference":
+        if backend == backends.REFERENCE:
             return reference.characteristic_residual(self.params, self.activation, cost, x, t)
-        if backend == "torch":
-            return fused.characteristic_residual(self.params, self.activation, cost, x, t)
+        if backend == backends.TORCH:
+            return torch_backend.characteristic_residual(self.params, self.activation, cost, x, t)
         from .kernels import characteristic_residual as triton_residual
-        return triton_residual(self.params, self.activation, cost, x, t,
+        return triton_residual(self.params, self.activation, costs.kernel_constants(cost), x, t,
                                deterministic=self.deterministic)

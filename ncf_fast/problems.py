@@ -13,10 +13,15 @@ source to its push-forward, and T^-1 is a strongly convex minimisation (Newton).
 """
 from __future__ import annotations
 
+import difflib
+import os
+
 import numpy as np
 import torch
 
-__all__ = ["GaussianOT", "ConvexOT", "toy", "TOYS"]
+from .data import check_regular_file, first_line
+
+__all__ = ["GaussianOT", "ConvexOT", "toy", "TOYS", "NamedProblem", "parse_problem"]
 
 
 def _sqrtm_spd(a: np.ndarray) -> np.ndarray:
@@ -324,3 +329,91 @@ def toy(name: str, n: int, seed: int | None = None) -> np.ndarray:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     return TOYS[name](int(n), np.random.default_rng(seed))
+
+
+class NamedProblem:
+    """A problem named on the command line: a toy pair "SRC:TGT" / "TGT" (source N(0, I)), or a
+    Gaussian pair (``oracle``: its :class:`GaussianOT`, which knows the exact map).
+
+    ``title`` names it in plain words for figure titles, e.g. "Gaussian pair (d = 2, seed 1)"."""
+
+    def __init__(self, spec, dim, source, target, oracle=None, title=None):
+        self.spec, self.dim, self._source, self._target, self.oracle = spec, dim, source, target, oracle
+        self.title = title or spec
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """n source and n target samples, (n, dim) each, float64; the same seed, the same draws."""
+        return self._source(n, seed), self._target(n, seed + 1)
+
+
+def _short_spec(text: str) -> str:
+    """The readable problem names -> the short ones (both accepted): toy:TGT -> TGT,
+    toy:SRC:TGT -> SRC:TGT, gaussian:d=D[:seed=S] -> gaussian:D[:S]. "gaussian" alone is also
+    a toy (N(0, I)), which is why gaussian:circles and gaussian:2:1 read alike."""
+    parts = text.split(":")
+    if parts[0] == "toy" and len(parts) in (2, 3):
+        return ":".join(parts[1:])
+    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].startswith("d="):
+        out = ["gaussian", parts[1][2:]]
+        if len(parts) == 3:
+            if not parts[2].startswith("seed="):
+                raise ValueError(f"--problem {text}: write gaussian:d=D:seed=S (e.g. gaussian:d=2:seed=1)")
+            out.append(parts[2][5:])
+        return ":".join(out)
+    return text
+
+
+def parse_problem(spec: str) -> NamedProblem:
+    """gaussian:d=D[:seed=S], toy:TGT, toy:SRC:TGT, their short forms, or a .npz path holding
+    Sigma0 and Sigma1 -> a :class:`NamedProblem`; a ValueError (FileNotFoundError for a missing
+    .npz) naming what is accepted otherwise."""
+    text = _short_spec(str(spec).strip())
+    if text.lower().endswith(".npz") or os.path.sep in text:
+        check_regular_file(text, ".npz file (a Gaussian problem holds Sigma0 and Sigma1)")
+        try:
+            gauss = GaussianOT.from_npz(text, seed=0)
+        except (ValueError, OSError, KeyError) as exc:
+            msg = first_line(exc)
+            raise ValueError(msg if msg.startswith(text) else f"{text}: not a usable Gaussian "
+                             f"problem ({msg})") from None
+        except Exception as exc:  # zipfile.BadZipFile and friends
+            raise ValueError(f"{text}: not a valid .npz file ({first_line(exc)})") from None
+        return _gaussian_problem(text, gauss, f"Gaussian pair from {os.path.basename(text)} "
+                                 f"(d = {gauss.dim})")
+    parts = text.split(":")
+    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].isdigit():
+        dim = int(parts[1])
+        if not 1 <= dim <= 4096:
+            raise ValueError(f"--problem {spec}: dimension must be between 1 and 4096")
+        if len(parts) == 3 and not parts[2].isdigit():
+            raise ValueError(f"--problem {spec}: the seed in gaussian:D:SEED must be a non-negative "
+                             "integer")
+        seed = int(parts[2]) if len(parts) == 3 else 0
+        return _gaussian_problem(text, GaussianOT(dim, seed=seed),
+                                 f"Gaussian pair (d = {dim}, seed {seed})")
+    names = parts if len(parts) == 2 else (["gaussian", parts[0]] if len(parts) == 1 else None)
+    bad = [n for n in (names or []) if n not in TOYS]
+    if names is None or bad:
+        near = difflib.get_close_matches(bad[0], list(TOYS), n=1) if bad else []
+        raise ValueError(f"--problem {spec!r}: unknown problem" + (f" {bad[0]!r}" if bad else "")
+                         + (f" (did you mean {near[0]!r}?)" if near else "")
+                         + f"; use toy:TGT (source N(0, I)) or toy:SRC:TGT with toys "
+                         f"{', '.join(TOYS)}; gaussian:d=D[:seed=S] (a Gaussian pair with "
+                         "a known map); or a .npz with Sigma0 and Sigma1")
+    a, b = names
+
+    def name(toy_name):
+        return "N(0, I)" if toy_name == "gaussian" else toy_name
+    return NamedProblem(f"{a}:{b}", 2, lambda n, s: toy(a, n, seed=s), lambda n, s: toy(b, n, seed=s),
+                        title=f"{name(a)} → {name(b)} (toys)")
+
+
+def _gaussian_problem(spec, gauss, title) -> NamedProblem:
+    chol0, chol1 = np.linalg.cholesky(gauss.sigma0), np.linalg.cholesky(gauss.sigma1)
+
+    def source(n, seed):
+        return gauss.m0 + np.random.default_rng([seed, 0]).standard_normal((n, gauss.dim)) @ chol0.T
+
+    def target(n, seed):
+        return gauss.m1 + np.random.default_rng([seed, 1]).standard_normal((n, gauss.dim)) @ chol1.T
+    return NamedProblem(spec, gauss.dim, source, target, oracle=gauss, title=title)

@@ -5,10 +5,26 @@ TRITON_INTERPRET (their folder is then first on sys.path) and under pytest.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+
+def run_compile_script(script: str) -> dict:
+    """Run a compile-check ``script`` with ``--json`` in a subprocess without TRITON_INTERPRET
+    (Triton must compile for sm_90a, not interpret); its last stdout line, parsed. The body of
+    each check's module-scoped ``sm90_results`` fixture (skipped without triton)."""
+    import pytest
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def ptxas_report(compiled) -> dict:

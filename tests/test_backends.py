@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncf_fast import NCF, PotentialMLP, TrainConfig, backends, config, costs, energy
+from ncf_fast import NCF, PotentialMLP, TrainConfig, backends, config, costs, energy, pair_sums
 from ncf_fast.estimator import FORMAT
 
 F32, F64 = torch.float32, torch.float64
@@ -60,9 +60,9 @@ def test_resolve_probes_neither_cuda_nor_triton(monkeypatch):
 
 def test_the_limits_are_the_kernels():
     pytest.importorskip("triton")
-    from ncf_fast.kernels import energy_distance, mlp_sweeps
-    assert backends.MLP_MAX_INPUT == mlp_sweeps.MAX_INPUT
-    assert backends.MLP_MAX_WIDTH == mlp_sweeps.MAX_WIDTH
+    from ncf_fast.kernels import energy_distance, mlp_launch
+    assert backends.MLP_MAX_INPUT == mlp_launch.MAX_INPUT
+    assert backends.MLP_MAX_WIDTH == mlp_launch.MAX_WIDTH
     assert backends.ENERGY_MAX_D == energy_distance.MAX_D
 
 
@@ -106,7 +106,7 @@ def test_explicit_triton_energy_on_float64_warns_and_auto_keeps_float64():
     a, b = torch.randn(20, 3, dtype=F64), torch.randn(15, 3, dtype=F64)
     with pytest.warns(UserWarning, match="in float32"):
         energy.energy_distance(a, b, backend="triton")
-    assert energy._resolve("auto", a) == "torch"
+    assert pair_sums.resolve_backend("auto", a) == "torch"
     ref = energy.energy_distance(a, b, backend="reference")
     torch.testing.assert_close(energy.energy_distance(a, b), ref, rtol=1e-12, atol=1e-14)
 
@@ -186,8 +186,9 @@ def test_energy_backend_round_trips_through_checkpoints_and_setup_conf(tmp_path)
 
 def test_cli_flags_beside_backend():
     from ncf_fast import cli
+    from ncf_fast.cli import inputs
     parser = cli.build_parser()
     for command in ("train", "demo"):
         args = parser.parse_args([command, "--backend", "torch", "--energy_backend", "reference"])
-        assert cli._overrides(args)["model.energy_backend"] == "reference"
-        assert cli._overrides(args)["model.backend"] == "torch"
+        assert inputs.flag_overrides(args)["model.energy_backend"] == "reference"
+        assert inputs.flag_overrides(args)["model.backend"] == "torch"

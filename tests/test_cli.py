@@ -554,7 +554,8 @@ def test_plots_for_one_and_many_dimensions(tmp_path, dim, exact):
 
 
 def test_problem_names_readable_and_short_forms_agree():
-    from ncf_fast.cli import CLIError, _parse_problem
+    from ncf_fast.cli import CLIError
+    from ncf_fast.cli.inputs import named_problem as _parse_problem
     for readable, short in (("gaussian:d=2:seed=1", "gaussian:2:1"), ("gaussian:d=3", "gaussian:3"),
                             ("toy:circles", "circles"), ("toy:moons:circles", "moons:circles")):
         a, b = _parse_problem(readable), _parse_problem(short)
@@ -564,6 +565,10 @@ def test_problem_names_readable_and_short_forms_agree():
     assert _parse_problem("gaussian:circles").title == "N(0, I) → circles (toys)"  # the toy pair
     with pytest.raises(CLIError, match="gaussian:d=D:seed=S"):
         _parse_problem("gaussian:d=2:1")
+    # the library layer below the CLI: the same message as a ValueError
+    from ncf_fast import problems
+    with pytest.raises(ValueError, match="gaussian:d=D:seed=S"):
+        problems.parse_problem("gaussian:d=2:1")
 
 
 def test_help_texts_say_what_each_flag_does():

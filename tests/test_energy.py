@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncf_fast import energy, reference
+from ncf_fast import energy, pair_sums, reference
 from tolerance import assert_close_to_ref
 
 
@@ -81,7 +81,7 @@ def test_near_pairs_are_exact():
     base = torch.randn(50, 3, dtype=torch.float32) + 100.0
     a = base
     b = base + 1e-5 * torch.randn(50, 3)
-    s_fast, ga, _ = energy.pair_distance_sums(a, b, grad_a=True)
+    s_fast, ga, _ = pair_sums.pair_distance_sums(a, b, grad_a=True)
     d64 = reference.pairwise_distance(a.double(), b.double())
     torch.testing.assert_close(s_fast, d64.sum(), rtol=1e-6, atol=0)
     diff = a.double().unsqueeze(1) - b.double().unsqueeze(0)
@@ -91,9 +91,9 @@ def test_near_pairs_are_exact():
 
 def test_blocks_do_not_change_the_result(monkeypatch):
     a, b = torch.randn(333, 4, dtype=torch.float64), torch.randn(211, 4, dtype=torch.float64)
-    full = energy.pair_distance_sums(a, b, grad_a=True, grad_b=True)
-    monkeypatch.setattr(energy, "_BLOCK_ELEMS", 1000)  # ~4 rows per block
-    blocked = energy.pair_distance_sums(a, b, grad_a=True, grad_b=True)
+    full = pair_sums.pair_distance_sums(a, b, grad_a=True, grad_b=True)
+    monkeypatch.setattr(pair_sums, "_BLOCK_ELEMS", 1000)  # ~4 rows per block
+    blocked = pair_sums.pair_distance_sums(a, b, grad_a=True, grad_b=True)
     for x, y in zip(full, blocked):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 

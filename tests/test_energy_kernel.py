@@ -1,6 +1,6 @@
 """Energy distance at scale: the Triton kernel (interpreted) and the torch path vs float64.
 
-Covers issue 5's CPU tests: parity of value and both gradients on odd sizes (N != M, N = 1,
+Covers, on the CPU: parity of value and both gradients on odd sizes (N != M, N = 1,
 d in DIMS, the kernel's d buckets), duplicate and near points, the class-conditional losses with
 singleton and empty classes in one launch, the tf32x3 accuracy argument of the Gram mode (by a
 bit-exact model of its operand split: the interpreter computes tl.dot in plain fp32), and the
@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from ncf_fast import energy, reference
+from ncf_fast import energy, pair_sums, reference
 from tolerance import DIMS, assert_close_to_ref, check_energy_distance, value_and_grads
 
 triton = pytest.importorskip("triton")
@@ -61,7 +61,7 @@ def test_near_pairs_far_from_the_origin(d, backend):
     base = torch.randn(40, d) + 100.0
     a = base
     b = torch.cat([base[:25] + 1e-4 * torch.randn(25, d), torch.randn(20, d) + 100.0])
-    s, ga, gb = energy.pair_distance_sums(a, b, grad_a=True, grad_b=True, backend=backend)
+    s, ga, gb = pair_sums.pair_distance_sums(a, b, grad_a=True, grad_b=True, backend=backend)
     a64, b64 = a.double(), b.double()
     dist = reference.pairwise_distance(a64, b64)
     diff = a64.unsqueeze(1) - b64.unsqueeze(0)
@@ -90,8 +90,8 @@ def test_value_only_mode_matches_and_skips_gradients():
 
 def test_auto_backend_and_limits():
     a = torch.randn(5, 3)
-    assert energy._resolve("auto", a) == "torch"  # CPU: the torch path
-    assert energy._resolve("triton", a) == "triton"
+    assert pair_sums.resolve_backend("auto", a) == "torch"  # CPU: the torch path
+    assert pair_sums.resolve_backend("triton", a) == "triton"
     with pytest.raises(ValueError, match="d <= 64"):
         energy.energy_distance(torch.randn(4, 65), torch.randn(4, 65), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -142,16 +142,16 @@ def test_class_missing_on_one_side_is_an_error(backend):
     with pytest.raises(ValueError, match=r"only in source \[1\]"):
         energy.class_conditional_energy_distance(a, b, la, torch.zeros(8, dtype=torch.long),
                                                  backend=backend)
-    # per_class_mean over a class list naming a class absent from a batch
+    # a class list naming a class absent from a batch
     with pytest.raises(ValueError, match=r"classes \[2\] have no"):
-        energy.per_class_mean(energy.witness_energy_distance, torch.tensor([0, 1, 2]),
-                              (a[:4], la[:4]), (a[4:], la[4:]), (b, torch.tensor([0, 1] * 4)))
+        energy.class_conditional_witness_energy_distance(
+            a[:4], a[4:], b, la[:4], la[4:], torch.tensor([0, 1] * 4), classes=torch.tensor([0, 1, 2]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_class_conditional_witness_matches_the_per_class_loop(backend):
-    """The trainer's class-conditional loss (per_class_mean of witness_energy_distance) in one
-    segmented call equals the Python loop over classes, value and gradient, in float64."""
+    """The class-conditional witness loss in one segmented call equals the Python loop over
+    classes, value and gradient, in float64."""
     torch.manual_seed(3)
     la = torch.tensor([0, 1, 2] * 6)
     lp = torch.tensor([0, 1, 2] * 20)[torch.randperm(60)]
@@ -169,10 +169,9 @@ def test_class_conditional_witness_matches_the_per_class_loop(backend):
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v, loop.mean(), **tol)
     torch.testing.assert_close(g, g_loop, **tol)
-    # the trainer's call, per_class_mean(witness_energy_distance, ...), is this segmented loss
-    # (with the default within_rows and backend)
-    v2 = energy.per_class_mean(energy.witness_energy_distance, torch.arange(3), (act, la),
-                               (pas, lp), (tgt, lb))
+    # an explicit class list gives the same loss (with the default within_rows and backend)
+    v2 = energy.class_conditional_witness_energy_distance(act, pas, tgt, la, lp, lb,
+                                                          classes=torch.arange(3))
     v3 = energy.class_conditional_witness_energy_distance(act, pas, tgt, la, lp, lb)
     torch.testing.assert_close(v2, v3, rtol=1e-12, atol=0)
 

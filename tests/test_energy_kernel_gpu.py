@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from ncf_fast import energy
+from ncf_fast import energy, pair_sums
 from tolerance import assert_close_to_ref, check_energy_distance, value_and_grads
 
 pytestmark = pytest.mark.skipif(
@@ -45,8 +45,8 @@ def test_compiled_kernel_duplicates_and_clusters(d):
 
 
 def test_auto_uses_the_kernel_on_cuda():
-    assert energy._resolve("auto", torch.zeros(2, 16, device="cuda")) == "triton"
-    assert energy._resolve("auto", torch.zeros(2, 65, device="cuda")) == "torch"
+    assert pair_sums.resolve_backend("auto", torch.zeros(2, 16, device="cuda")) == "triton"
+    assert pair_sums.resolve_backend("auto", torch.zeros(2, 65, device="cuda")) == "torch"
 
 
 def test_class_conditional_one_launch_matches_torch_path():

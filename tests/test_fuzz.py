@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ncf_fast import NCF, cli
+from ncf_fast.cli import inputs
 from ncf_fast import config as config_mod
 from ncf_fast.data import check_labels, check_samples
 
@@ -166,8 +167,8 @@ def test_fuzz_npy_files_through_the_cli_loaders(tmp_path, monkeypatch):
         raw = _npy_with_header(rng) if k % 4 == 0 else (_mutate_bytes(rng, raw) if k % 4 else raw)
         with open(path, "wb") as f:
             f.write(raw)
-        outcomes.append(_run(f"npy case {k}", lambda: cli.load_array(path, "--input"), path))
-        outcomes.append(_run(f"labels case {k}", lambda: cli.load_labels(path, 20, "--labels"), path))
+        outcomes.append(_run(f"npy case {k}", lambda: inputs.samples_file(path, "--input"), path))
+        outcomes.append(_run(f"labels case {k}", lambda: inputs.labels_file(path, 20, "--labels"), path))
         os.unlink(path)
     assert os.listdir(tmp_path) == []
     assert outcomes.count("loaded") > 10 and outcomes.count("refused") > 100  # both paths ran
@@ -219,7 +220,7 @@ def test_fuzz_checkpoints_through_the_cli_and_the_library(tmp_path, monkeypatch,
             torch.save(_edit_checkpoint(rng, ckpt_good), path)
 
         def load():
-            cli._load_model(path, torch.device("cpu"))
+            inputs.load_model(path, torch.device("cpu"))
             model = NCF.load(path)
             out = model.transport(np.zeros((3, 2)))
             assert np.isfinite(out).all(), "a loaded model maps to NaN"

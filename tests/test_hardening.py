@@ -1,4 +1,4 @@
-"""Defects an adversarial pass found (issue 14): run folders that escape home_dir, configs that
+"""Defects an adversarial pass found: run folders that escape home_dir, configs that
 reach the network, extreme values, non-regular files, an unfitted model used as a map, a full
 disk, a mkdir race, a flag hiding a bad file value, file modes, huge configs and messages in
 the library's words instead of the user's.
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ncf_fast import NCF, cli
+from ncf_fast.cli import run_folder
 from ncf_fast import config as config_mod
 from ncf_fast.data import check_samples
 from ncf_fast.estimator import read_checkpoint
@@ -83,7 +84,7 @@ def test_expname_must_name_a_folder_inside_exps(bad, data, tmp_path, monkeypatch
     bad(_train(bad, data, conf=conf / "home.conf"), "home.conf", "run.expname", str(fake_home))
     assert os.listdir(fake_home) == []
     with pytest.raises(cli.CLIError, match="control character"):
-        cli._check_home(str(tmp_path / "two\nlines"))
+        run_folder.check_home(str(tmp_path / "two\nlines"))
     bad(["transport", "--checkpoint", tmp_path, "--input", data / "input_data.npy", "--out",
          tmp_path / "y\n.npy"], "--out", "control character")
 
@@ -311,7 +312,7 @@ def test_two_runs_creating_exps_at_once(tmp_path, monkeypatch):
             real_mkdir(path, *a, **k)  # the other process wins
         return real_mkdir(path, *a, **k)
     monkeypatch.setattr(os, "mkdir", racing_mkdir)
-    run_dir, created = cli._create_run_dir(home, "ncf")
+    run_dir, created = run_folder.create_run_dir(home, "ncf")
     assert os.path.isdir(os.path.join(run_dir, "checkpoints"))
     assert created == [os.path.join(home, "exps", "ncf")]  # only what this call made
 
@@ -333,8 +334,8 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         NCF(2, hidden=(8,), device="cpu").save(tmp_path / "m.pt")
-        cli._write_npy(str(tmp_path / "y.npy"), np.zeros((2, 2)))
-        cli._write_text(str(tmp_path / "t.txt"), "x\n")
+        run_folder.write_npy(str(tmp_path / "y.npy"), np.zeros((2, 2)))
+        run_folder.write_text(str(tmp_path / "t.txt"), "x\n")
     finally:
         os.umask(old)
     for name in ("m.pt", "y.npy", "t.txt"):

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from ncf_fast import costs, fused, reference
+from ncf_fast import costs, reference, torch_backend
 from gpu_cases import DETERMINISTIC_BITWISE, DETERMINISTIC_PARITY, GPU_CASES
 from tolerance import DIMS, ROWS, WIDTHS, assert_close_to_ref
 
@@ -61,7 +61,10 @@ def scalar_loss(u, p, r, weights):
 
 def _kernels():
     from ncf_fast.kernels import characteristic_residual, potential_and_grad
-    return potential_and_grad, characteristic_residual
+
+    def residual(params, act, cost, x, t, **kwargs):  # the caller passes the kernel constants
+        return characteristic_residual(params, act, costs.kernel_constants(cost), x, t, **kwargs)
+    return potential_and_grad, residual
 
 
 def _reference_outputs(params, act, cost, x, t, upcast):
@@ -118,7 +121,7 @@ def test_triton_matches_float64_reference(d, widths, act, cost, n):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("cost", tuple(COSTS))
 def test_torch_backend_matches_float64_reference(act, cost):
-    impl = (fused.potential_and_grad, fused.characteristic_residual)
+    impl = (torch_backend.potential_and_grad, torch_backend.characteristic_residual)
     check_against_reference(impl, 3, (40, 40, 40), act, COSTS[cost], 37, seed=3)
 
 
@@ -167,7 +170,9 @@ def test_triton_refuses_what_it_does_not_support():
     class Custom(costs.Quadratic):
         name = "custom_quadratic_for_test"
 
+    from ncf_fast.kernels import characteristic_residual
     for call in (lambda: res(params, "softplus", Custom(), x, t),
+                 lambda: characteristic_residual(params, "softplus", (7, 2.0), x, t),
                  lambda: pot([p.double() for p in params], "softplus", x.double(), t.double()),
                  lambda: pot(make_params(2, (600,), 1), "softplus", x, t),
                  lambda: pot(make_params(130, (16,), 1), "softplus",
@@ -185,8 +190,8 @@ def test_torch_backend_gradcheck_float64():
     cost = costs.Power(1.5)
 
     def both(x, *params):
-        u, p = fused.potential_and_grad(list(params), "softplus", x, t)
-        r = fused.characteristic_residual(list(params), "softplus", cost, x, t)
+        u, p = torch_backend.potential_and_grad(list(params), "softplus", x, t)
+        r = torch_backend.characteristic_residual(list(params), "softplus", cost, x, t)
         return u, p, r
 
     assert torch.autograd.gradcheck(both, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -293,18 +298,18 @@ def test_potential_mlp_passes_deterministic_to_the_kernels(monkeypatch):
 def test_launches_run_in_the_tensors_device_context(monkeypatch):
     """Triton launches on the current CUDA device: every launcher enters x's device first
     (cuda:1 tensors on a machine whose current device is 0)."""
-    from ncf_fast.kernels import energy_distance, mlp_potential, mlp_residual, mlp_sweeps
+    from ncf_fast.kernels import energy_distance, mlp_launch, mlp_potential, mlp_residual
 
     class FakeCuda:
         device = torch.device("cuda", 1)
 
-    guard = mlp_sweeps.device_guard(FakeCuda())
+    guard = mlp_launch.device_guard(FakeCuda())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     entered = []
 
     def recording_guard(x):
         entered.append(x.device)
-        return mlp_sweeps.contextlib.nullcontext()
+        return mlp_launch.contextlib.nullcontext()
 
     for module in (mlp_potential, mlp_residual, energy_distance):
         monkeypatch.setattr(module, "device_guard", recording_guard)

@@ -17,6 +17,7 @@ from test_cli import _train, bad, data, last_line, log_rows  # noqa: F401 (fixtu
 from tolerance import assert_close_to_ref
 
 from ncf_fast import NCF, cli, lineage
+from ncf_fast.cli import inputs
 from ncf_fast import config as config_mod
 from ncf_fast.estimator import read_checkpoint
 from ncf_fast.trainer import TrainConfig, lr_at
@@ -143,7 +144,7 @@ def test_research_code_flags_are_checked_like_the_others(bad, data, tmp_path_fac
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_auto_without_cuda_is_the_cpu():
-    assert cli.resolve_device("auto") == torch.device("cpu")
+    assert inputs.resolve_device("auto") == torch.device("cpu")
     assert lineage.least_loaded_gpu() == "cpu"
 
 

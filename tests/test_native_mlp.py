@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from ncf_fast import costs, fused, native, reference
+from ncf_fast import costs, native, reference, torch_backend
 from ncf_fast.activations import activation_derivatives
 from tolerance import assert_close_to_ref
 
@@ -146,7 +146,7 @@ def test_torch_backend_with_and_without_compiled_passes(passes, act, d, widths, 
         pytest.skip("no C compiler")
     if passes == "torch-ops":
         monkeypatch.setattr(native, "mlp_usable", lambda x, act=None: False)
-    monkeypatch.setattr(fused, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(torch_backend, "_BLOCK_ROWS", block_rows)
     params, x, t = _make(d, widths, seed=d)
     cost = costs.Power(1.5)
     g = torch.Generator().manual_seed(5)
@@ -154,8 +154,8 @@ def test_torch_backend_with_and_without_compiled_passes(passes, act, d, widths, 
 
     def run(params, x, upcast, fast):
         if fast:
-            u, p = fused.potential_and_grad(params, act, x, t)
-            r = fused.characteristic_residual(params, act, cost, x, t)
+            u, p = torch_backend.potential_and_grad(params, act, x, t)
+            r = torch_backend.characteristic_residual(params, act, cost, x, t)
         else:
             u, p = reference.potential_and_grad(params, act, x, t, create_graph=True,
                                                 upcast=upcast)
@@ -178,7 +178,7 @@ def test_disabled_the_torch_ops_run(monkeypatch):
         assert not native.mlp_usable(torch.zeros(1, 1))
         params, x, t = _make(2, (8,), seed=1)
         with torch.no_grad():
-            u, p = fused.potential_and_grad(params, "softplus", x, t)
+            u, p = torch_backend.potential_and_grad(params, "softplus", x, t)
             u64, p64 = reference.potential_and_grad([q.double() for q in params], "softplus",
                                                     x.double(), t.double())
         torch.testing.assert_close(u.double(), u64, rtol=1e-5, atol=1e-5)

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from sm90 import ptxas_report
+from sm90 import ptxas_report, run_compile_script
 
 # 13 compiles for sm_90a take 1-2 minutes on 2 cores (-m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
@@ -48,7 +47,7 @@ _KERNELS = ("potential_fwd", "potential_bwd", "potential_bwd_nopbar", "residual_
             "residual_bwd")
 
 
-BACKWARD_TILE = 16  # kernels.mlp_sweeps.BACKWARD_TILE (checked in _compile_one)
+BACKWARD_TILE = 16  # kernels.mlp_launch.BACKWARD_TILE (checked in _compile_one)
 
 
 def _configs():
@@ -81,19 +80,19 @@ def record_launch(cfg: dict, n_rows: int = 5, chunk: int = 0):
     Widths h_pad (so H_PAD = h_pad) and d = d_pad - 1 (so D_PAD = d_pad)."""
     import torch
 
-    from ncf_fast.costs import Power, Quadratic
-    from ncf_fast.kernels import mlp_potential, mlp_residual, mlp_sweeps
+    from ncf_fast.costs import Power, Quadratic, kernel_constants
+    from ncf_fast.kernels import mlp_launch, mlp_potential, mlp_residual
     from sm90 import RecordLaunches
 
-    mlp_sweeps._on_interpreter = lambda: True  # let mlp_layout take CPU stand-ins
-    mlp_sweeps.set_dot_precision(cfg["precision"])
+    mlp_launch._on_interpreter = lambda: True  # let mlp_layout take CPU stand-ins
+    mlp_launch.set_dot_precision(cfg["precision"])
     d, widths = cfg["d_pad"] - 1, (cfg["h_pad"],) * cfg["n_hidden"]
     fan = (d + 1,) + widths + (1,)
     params = [p for i, o in zip(fan[:-1], fan[1:]) for p in (torch.zeros(o, i), torch.zeros(o))]
     x, t = torch.zeros(n_rows, d), torch.zeros(n_rows, 1)
-    layout = mlp_sweeps.mlp_layout(params, cfg["act"], x, t)
-    packed = mlp_sweeps.pack_params(params, layout)
-    cost = mlp_residual.cost_code(Quadratic() if cfg["cost"] == "quadratic" else Power(1.5))
+    layout = mlp_launch.mlp_layout(params, cfg["act"], x, t)
+    packed = mlp_launch.pack_params(params, layout)
+    cost = kernel_constants(Quadratic() if cfg["cost"] == "quadratic" else Power(1.5))
     det = cfg.get("deterministic", False)
     kind = cfg["kernel"]
     module = mlp_potential if kind.startswith("potential") else mlp_residual
@@ -118,10 +117,10 @@ def record_launch(cfg: dict, n_rows: int = 5, chunk: int = 0):
 def _compile_one(cfg: dict) -> dict:
     """Compile one configuration for sm_90a as its launcher's JIT launch would; return its
     resource usage (runs in a worker)."""
-    from ncf_fast.kernels import mlp_sweeps
+    from ncf_fast.kernels import mlp_launch
     from sm90 import compile_launch
 
-    assert mlp_sweeps.BACKWARD_TILE == BACKWARD_TILE, "update BACKWARD_TILE here"
+    assert mlp_launch.BACKWARD_TILE == BACKWARD_TILE, "update BACKWARD_TILE here"
     fn, args, kwargs = record_launch(cfg)
     assert (kwargs["BLOCK_H"], kwargs["BLOCK_D"]) == (cfg["block_h"], cfg["block_d"]), kwargs
     try:
@@ -177,12 +176,7 @@ def batch_keys() -> dict:
 
 @pytest.fixture(scope="module")
 def sm90_results():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_script(__file__)
 
 
 _ID = [f"{c['kernel']}-h{c['h_pad']}-d{c['d_pad']}-L{c['n_hidden']}-{c['act']}-{c['cost']}-"
@@ -211,7 +205,7 @@ def test_sm90a_registers_fit_the_launch_plan(sm90_results):
     """The launch plan runs PROGRAMS_PER_SM = 3 programs of 4 warps per SM, which fit at <= 168
     registers; one configuration (tanh + power residual backward) is allowed 2 per SM, no
     more (the launch then still runs, one program in three waiting for a free slot)."""
-    from ncf_fast.kernels.mlp_sweeps import THREE_PER_SM_REGISTERS
+    from ncf_fast.kernels.mlp_launch import THREE_PER_SM_REGISTERS
     over = [(_ID[i], r["registers"]) for i, r in enumerate(sm90_results["configs"])
             if r["ok"] and r["registers"] > THREE_PER_SM_REGISTERS]
     assert len(over) <= 1 and all(regs <= 176 for _, regs in over), over

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from sm90 import ptxas_report
+from sm90 import ptxas_report, run_compile_script
 
 # every configuration compiled for sm_90a: tens of seconds (-m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
@@ -128,12 +127,7 @@ def specialisation_counts() -> dict:
 
 @pytest.fixture(scope="module")
 def sm90_results():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_script(__file__)
 
 
 def test_config_list_is_complete():

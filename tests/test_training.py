@@ -11,7 +11,7 @@ from ncf_fast.trainer import dimension_defaults
 
 @pytest.mark.slow
 def test_gaussian_2d_defaults_reach_the_accuracy_target():
-    """The issue's acceptance case with every setting at its default: 50,000 samples per side of
+    """The default-speed acceptance case, every setting at its default: 50,000 samples per side of
     a contracting pair (Gamma's eigenvalues 0.68, 0.96), forward and backward L2-UVP <= 0.1 %.
     Measured 0.040 / 0.049 % (README, Accuracy); ten pairs and three model seeds of this family
     ranged up to 0.060 / 0.084 %, so this is a regression check of the defaults, not a claim

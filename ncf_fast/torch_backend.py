@@ -27,7 +27,7 @@ import torch
 from . import native
 from .activations import activation_derivatives, times_second_derivative
 
-__all__ = ["PotentialAndGrad", "potential", "potential_and_grad", "characteristic_residual"]
+__all__ = ["TorchPotentialAndGrad", "potential", "potential_and_grad", "characteristic_residual"]
 
 
 def _sweep(params, act, x, t, with_grad: bool, save: bool, fast: bool):
@@ -119,7 +119,7 @@ def _blocks(n: int):
     return [slice(s, min(n, s + _BLOCK_ROWS)) for s in range(0, max(n, 1), _BLOCK_ROWS)]
 
 
-class PotentialAndGrad(torch.autograd.Function):
+class TorchPotentialAndGrad(torch.autograd.Function):
     """(x (N, d), t (N, 1), params...) -> u (N,) and, if with_grad, grad_x u (N, d).
 
     Analytic backward: first order for ubar alone, (primal, tangent) reverse mode when pbar is
@@ -213,7 +213,7 @@ def _backward_block(params, act, fast, block, L, with_grad, ubar, pbar, grads, n
 
 def potential(params, act, x, t):
     """u(x, t): x (N, d), t (N, 1) -> (N,); first-order analytic backward."""
-    return PotentialAndGrad.apply(act, False, x, t, *params)
+    return TorchPotentialAndGrad.apply(act, False, x, t, *params)
 
 
 def potential_and_grad(params, act, x, t):
@@ -222,7 +222,7 @@ def potential_and_grad(params, act, x, t):
     With autograd off (maps, passive samples) only the two sweeps run: no sigma'', nothing saved.
     """
     if torch.is_grad_enabled():
-        return PotentialAndGrad.apply(act, True, x, t, *params)
+        return TorchPotentialAndGrad.apply(act, True, x, t, *params)
     fast = native.mlp_usable(x, act)
     outs = [_sweep(params, act, x[rows], t[rows], True, save=False, fast=fast)[:2]
             for rows in _blocks(x.shape[0])]
