@@ -346,25 +346,30 @@ class NamedProblem:
         return self._source(n, seed), self._target(n, seed + 1)
 
 
+# Problems with a known map, by name: --problem NAME:d=D[:seed=S] (short NAME:D[:S]).
+KNOWN_MAPS = ("gaussian", "convex")
+
+
 def _short_spec(text: str) -> str:
     """The readable problem names -> the short ones (both accepted): toy:TGT -> TGT,
-    toy:SRC:TGT -> SRC:TGT, gaussian:d=D[:seed=S] -> gaussian:D[:S]. "gaussian" alone is also
-    a toy (N(0, I)), which is why gaussian:circles and gaussian:2:1 read alike."""
+    toy:SRC:TGT -> SRC:TGT, gaussian:d=D[:seed=S] -> gaussian:D[:S] (convex alike). "gaussian"
+    alone is also a toy (N(0, I)), which is why gaussian:circles and gaussian:2:1 read alike."""
     parts = text.split(":")
     if parts[0] == "toy" and len(parts) in (2, 3):
         return ":".join(parts[1:])
-    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].startswith("d="):
-        out = ["gaussian", parts[1][2:]]
+    if parts[0] in KNOWN_MAPS and len(parts) in (2, 3) and parts[1].startswith("d="):
+        out = [parts[0], parts[1][2:]]
         if len(parts) == 3:
             if not parts[2].startswith("seed="):
-                raise ValueError(f"--problem {text}: write gaussian:d=D:seed=S (e.g. gaussian:d=2:seed=1)")
+                raise ValueError(f"--problem {text}: write {parts[0]}:d=D:seed=S (e.g. "
+                                 f"{parts[0]}:d=2:seed=1)")
             out.append(parts[2][5:])
         return ":".join(out)
     return text
 
 
 def parse_problem(spec: str) -> NamedProblem:
-    """gaussian:d=D[:seed=S], toy:TGT, toy:SRC:TGT, their short forms, or a .npz path holding
+    """gaussian:d=D[:seed=S], convex:d=D[:seed=S], toy:TGT, toy:SRC:TGT, their short forms, or a .npz path holding
     Sigma0 and Sigma1 -> a :class:`NamedProblem`; a ValueError (FileNotFoundError for a missing
     .npz) naming what is accepted otherwise."""
     text = _short_spec(str(spec).strip())
@@ -381,14 +386,16 @@ def parse_problem(spec: str) -> NamedProblem:
         return _gaussian_problem(text, gauss, f"Gaussian pair from {os.path.basename(text)} "
                                  f"(d = {gauss.dim})")
     parts = text.split(":")
-    if parts[0] == "gaussian" and len(parts) in (2, 3) and parts[1].isdigit():
+    if parts[0] in KNOWN_MAPS and len(parts) in (2, 3) and parts[1].isdigit():
         dim = int(parts[1])
         if not 1 <= dim <= 4096:
             raise ValueError(f"--problem {spec}: dimension must be between 1 and 4096")
         if len(parts) == 3 and not parts[2].isdigit():
-            raise ValueError(f"--problem {spec}: the seed in gaussian:D:SEED must be a non-negative "
-                             "integer")
+            raise ValueError(f"--problem {spec}: the seed in {parts[0]}:D:SEED must be a "
+                             "non-negative integer")
         seed = int(parts[2]) if len(parts) == 3 else 0
+        if parts[0] == "convex":
+            return _convex_problem(text, ConvexOT(dim, seed=seed))
         return _gaussian_problem(text, GaussianOT(dim, seed=seed),
                                  f"Gaussian pair (d = {dim}, seed {seed})")
     names = parts if len(parts) == 2 else (["gaussian", parts[0]] if len(parts) == 1 else None)
@@ -399,7 +406,8 @@ def parse_problem(spec: str) -> NamedProblem:
                          + (f" (did you mean {near[0]!r}?)" if near else "")
                          + f"; use toy:TGT (source N(0, I)) or toy:SRC:TGT with toys "
                          f"{', '.join(TOYS)}; gaussian:d=D[:seed=S] (a Gaussian pair with "
-                         "a known map); or a .npz with Sigma0 and Sigma1")
+                         "a known map); convex:d=D[:seed=S] (a known non-linear map with a "
+                         "translation, ConvexOT); or a .npz with Sigma0 and Sigma1")
     a, b = names
 
     def name(toy_name):
@@ -417,3 +425,13 @@ def _gaussian_problem(spec, gauss, title) -> NamedProblem:
     def target(n, seed):
         return gauss.m1 + np.random.default_rng([seed, 1]).standard_normal((n, gauss.dim)) @ chol1.T
     return NamedProblem(spec, gauss.dim, source, target, oracle=gauss, title=title)
+
+
+def _convex_problem(spec, convex: ConvexOT) -> NamedProblem:
+    def source(n, seed):
+        return convex.sample_source(n, np.random.default_rng([seed, 0]))
+
+    def target(n, seed):
+        return convex.forward_map(convex.sample_source(n, np.random.default_rng([seed, 1])))
+    return NamedProblem(spec, convex.dim, source, target, oracle=convex,
+                        title=f"non-linear map with a translation (ConvexOT, d = {convex.dim})")

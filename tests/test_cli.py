@@ -192,6 +192,13 @@ def test_demo_then_evaluate_gaussian(data, tmp_path):
     assert "poor (> 1 %): train longer" in proc.stdout and "x the noise: differs" in proc.stdout
     for key in ("heldout_energy_distance", "heldout_energy_distance_backward", "cycle_error_relative"):
         assert np.isfinite(metrics[key]), key
+    # the non-linear known-map family is a problem too: L2-UVP against its exact maps
+    proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "convex:d=2:seed=1",
+                   "--samples", 500, "--json", "--gpu", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    convex = json.loads(proc.stdout)
+    assert np.isfinite(convex["l2_uvp_forward"]) and np.isfinite(convex["l2_uvp_backward"])
+    assert convex["l2_uvp_forward"] != out["l2_uvp_forward"]
     # a problem of another dimension is refused
     proc = run_cli("evaluate", "--checkpoint", run_dir, "--problem", "gaussian:3", "--gpu", "cpu",
                    cwd=tmp_path)
@@ -557,6 +564,7 @@ def test_problem_names_readable_and_short_forms_agree():
     from ncf_fast.cli import CLIError
     from ncf_fast.cli.inputs import named_problem as _parse_problem
     for readable, short in (("gaussian:d=2:seed=1", "gaussian:2:1"), ("gaussian:d=3", "gaussian:3"),
+                            ("convex:d=3:seed=2", "convex:3:2"),
                             ("toy:circles", "circles"), ("toy:moons:circles", "moons:circles")):
         a, b = _parse_problem(readable), _parse_problem(short)
         assert a.dim == b.dim and a.title == b.title
@@ -565,6 +573,15 @@ def test_problem_names_readable_and_short_forms_agree():
     assert _parse_problem("gaussian:circles").title == "N(0, I) → circles (toys)"  # the toy pair
     with pytest.raises(CLIError, match="gaussian:d=D:seed=S"):
         _parse_problem("gaussian:d=2:1")
+    with pytest.raises(CLIError, match="convex:d=D:seed=S"):
+        _parse_problem("convex:d=2:x")
+    # convex: ConvexOT(D, seed=S); the targets are the exact map of source draws
+    convex = _parse_problem("convex:d=3:seed=2")
+    x, y = convex.sample(50, 7)
+    x_for_y = convex.oracle.sample_source(50, np.random.default_rng([8, 1]))  # sample: seed + 1
+    np.testing.assert_allclose(y, convex.oracle.forward_map(x_for_y), rtol=1e-12)
+    np.testing.assert_allclose(convex.oracle.inverse_map(y), x_for_y, atol=1e-8)
+    assert convex.dim == 3 and "ConvexOT" in convex.title and not np.allclose(x, x_for_y)
     # the library layer below the CLI: the same message as a ValueError
     from ncf_fast import problems
     with pytest.raises(ValueError, match="gaussian:d=D:seed=S"):

@@ -11,6 +11,7 @@
     ncf-fast evaluate --checkpoint C (--problem gaussian:d=D[:seed=S] | --problem P.npz | --input X --output Y)
 
 Problems: gaussian:d=D[:seed=S] (a Gaussian pair with a known map; short form gaussian:D[:S]),
+convex:d=D[:seed=S] (a known non-linear map with a translation; short form convex:D[:S]),
 toy:TGT or toy:SRC:TGT (2-D toys; short forms TGT, SRC:TGT), or a .npz with Sigma0 and Sigma1.
 
 ``python -m ncf_fast`` with the original research code's flags and no sub-command means ``train``.

@@ -57,7 +57,8 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.gpu)
     ckpt_path = checkpoint_file(args.checkpoint)
     if args.problem is None and (args.input is None or args.output is None):
-        raise CLIError("evaluate needs --problem (gaussian:d=D[:seed=S], a .npz, toy:SRC:TGT) or "
+        raise CLIError("evaluate needs --problem (gaussian:d=D[:seed=S], convex:d=D[:seed=S], a .npz, "
+                       "toy:SRC:TGT) or "
                        "--input and --output sample files")
     problem = named_problem(args.problem) if args.problem is not None else None
     ncf = load_model(ckpt_path, device, getattr(args, "time_axis", None))

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on a built-in problem in about a minute on a CPU, write "
                        "a run folder with plots and print its path last.")
     p.add_argument("--problem", default=DEMO_PROBLEM, metavar="NAME",
-                   help=f"gaussian:d=D[:seed=S] (a Gaussian pair with a known map), toy:TGT "
+                   help=f"gaussian:d=D[:seed=S] (a Gaussian pair with a known map), convex:d=D[:seed=S] "
+                        f"(a known non-linear map with a translation), toy:TGT "
                         f"(source N(0, I)) or toy:SRC:TGT (2-D toys: circles, moons, 8gaussians, "
                         f"...), or a .npz with Sigma0, Sigma1; the short forms gaussian:D[:S], TGT "
                         f"and SRC:TGT also work (default: {DEMO_PROBLEM})")
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Forward/backward L2-UVP against a Gaussian closed form, energy "
                        "distances and the cycle error |T^-1(T(x)) - x|.")
     p.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint file or run folder")
-    p.add_argument("--problem", metavar="P", help="gaussian:d=D[:seed=S], a .npz with Sigma0, "
+    p.add_argument("--problem", metavar="P", help="gaussian:d=D[:seed=S], convex:d=D[:seed=S], a .npz with Sigma0, "
                    "Sigma1, or toy:SRC:TGT (as for demo); fresh samples are drawn")
     p.add_argument("--input", metavar="X.npy", help="source samples (instead of --problem)")
     p.add_argument("--output", metavar="Y.npy", help="target samples (instead of --problem)")
