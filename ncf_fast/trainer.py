@@ -25,14 +25,11 @@ LR_SCHEDULES = ("cosine", "step")
 _WITHIN_ROWS = 256
 
 
-# Defaults that depend on the dimension (TrainConfig fields left at None), chosen on GaussianOT
-# pairs (README, "Accuracy"). In d <= 2 a larger learning rate, a stronger L_HJ (smaller lambda),
-# more active samples and collocation along the model's own characteristics fixed the contracting
-# pairs (backward L2-UVP 0.75-1.25 % -> <= 0.3 %); in d = 8 each of those changes made the map
-# worse (forward 0.30 % -> 0.37-0.78 %, with a stale passive queue), so above d = 2 the earlier
-# settings stay. Passive and target sets of 2048 with a fresh passive set every step
-# (passive_age 1) in every dimension: with the 2-D network's SiLU (estimator.default_activation)
-# that beat 4096 at age 4 (softplus) on the 2-D pairs, in less time (README "Accuracy").
+# Defaults that depend on the dimension (TrainConfig fields left at None), each chosen by
+# measurement over seed lists (README, "How it trains" and "Accuracy" have the numbers). In d <= 2
+# a larger learning rate, a stronger L_HJ, more active samples and collocation along the model's
+# own characteristics fixed the contracting pairs' backward maps; above d = 2 each made the map
+# worse, so the earlier settings stay there.
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
             "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
@@ -43,24 +40,13 @@ _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "batch_size": 512, "mmd_active": 25
              "backward_active": 256, "backward_batch_size": 2048,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
-# backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's.
-# Tied to the data only through L_HJ, it lagged the forward map on non-linear problems (README
-# "Accuracy", ConvexOT rows); the term costs about 1.5x per step.
-# passive_age: the passive pushed samples live in a queue of that many batches, one pushed afresh
-# per step, so the no-grad push costs mmd_batch_size / passive_age rows a step and a passive
-# sample is at most passive_age steps old. Stale samples are not harmless: in d = 8 (2048
-# passive, GaussianOT seeds 0-2, 5000 steps) age 4 gave forward/backward 0.225/0.291,
-# 0.298/0.386, 0.224/0.260 % and age 1 0.122/0.161, 0.210/0.227, 0.209/0.241 % in about the same
-# time, and in d = 16 (seed 0, 3000 steps) 1.537/1.538 % -> 0.359/0.364 % for 28 % more time; at
-# 8192 passive, age 16 was 2-4x worse than age 4. In 2-D (SiLU, 4096 passive) age 4 -> 1 took
-# seeds 2, 0, 16, 14 from 0.198/0.081, 0.106/0.102, 0.124/0.229, 0.132/0.067 % to 0.032/0.032,
-# 0.043/0.051, 0.049/0.054, 0.027/0.028 % but to 52-67 s; at 2048 passive, age 1 gave
-# 0.040/0.049, 0.052/0.061, 0.060/0.084, 0.032/0.034 % in 33-39 s.
+# backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's;
+# tied to the data only through L_HJ it lagged on non-linear maps. passive_age 1: every passive
+# sample pushed by the current parameters; a stale queue cost accuracy for the time it saved.
 
 
 # On a GPU (device.type == "cuda") the step is large-batch in every dimension: ncf_fast is for
-# large-batch training, and a GPU needs many rows to fill its SMs. Not yet measured on a GPU
-# (README, "GPU defaults").
+# large-batch training, and a GPU needs many rows to fill its SMs (README, "GPU defaults").
 _GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192, "backward_active": 2048,
         "backward_batch_size": 8192}
 
