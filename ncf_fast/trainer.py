@@ -97,10 +97,12 @@ class TrainConfig:
     """
 
     steps: int = 3000
+    # rows per step
     batch_size: int | None = None
     mmd_batch_size: int | None = None
     mmd_active: int | None = None
     passive_age: int | None = None
+    # the optimizer and its learning-rate schedule
     lr: float | None = None
     lr_final: float = 2e-5
     warmup: int = 100
@@ -108,6 +110,7 @@ class TrainConfig:
     lr_interval: int = 2000
     lr_factor: float = 0.5
     weight_decay: float = 0.0
+    # the loss's terms
     mmd_weight: float | None = None
     backward_weight: float | None = None
     backward_active: int | None = None
