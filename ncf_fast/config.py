@@ -80,7 +80,7 @@ _COLLOCATION = COLLOCATION_KINDS
 KEYS: tuple[Key, ...] = (
     Key("model.hidden", None, "widths",
         "hidden widths of u's MLP, e.g. [128, 128, 128]; null = 3 layers of 128 (d <= 8), 256 above"),
-    Key("model.activation", None, "choice", "smooth activation; null: silu (d <= 2), softplus (d > 2)",
+    Key("model.activation", None, "choice", "smooth activation; null: silu",
         ("softplus", "tanh", "silu"), nullable=True),
     Key("model.cost", "quadratic", "str", "transport cost: quadratic or power:q (1 < q <= 2)"),
     Key("model.t_final", 1.0, "float", "horizon t_f of the cost t_f l((y - x) / t_f)", positive=True),
@@ -123,11 +123,11 @@ KEYS: tuple[Key, ...] = (
         f"weight of the backward map's term ED(T^-1#nu, mu) beside L_MMD; null: "
         f"{_by_dim('backward_weight')}", minimum=0, nullable=True),
     Key("train.backward_active", _TC.backward_active, "int",
-        f"pulled targets with the backward term's gradient per step; null: "
-        f"{_by_dim('backward_active')}", positive=True, nullable=True),
+        "pulled targets with the backward term's gradient per step; null: mmd_active's value",
+        positive=True, nullable=True),
     Key("train.backward_batch_size", _TC.backward_batch_size, "int",
-        f"the backward term's passive pulled targets and source samples per step; null: "
-        f"{_by_dim('backward_batch_size')}", positive=True, nullable=True),
+        "the backward term's passive pulled targets and source samples per step; null: "
+        "mmd_batch_size's value", positive=True, nullable=True),
     *(Key(f"train.collocation.{k}", None, "float",
           f"weight of {k} points in the collocation mixture; null: {_by_dim('collocation', k)}",
           minimum=0, nullable=True) for k in _COLLOCATION),

@@ -33,13 +33,13 @@ _WITHIN_ROWS = 256
 LOW_DIM_MAX = 2
 _LOW_DIM = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
             "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
-            "backward_active": 512, "backward_batch_size": 2048,
             "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
 _HIGH_DIM = {"lr": 2e-3, "mmd_weight": 30.0, "batch_size": 512, "mmd_active": 256,
              "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
-             "backward_active": 256, "backward_batch_size": 2048,
              "collocation": {"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1}}
 _BY_DIMENSION = tuple(_LOW_DIM)
+# the backward term's set sizes: None takes the forward term's (resolved) sizes
+_FOLLOWERS = ("backward_active", "backward_batch_size")
 # backward_weight 1: the backward map gets its own marginal term, as strong as the forward one's;
 # tied to the data only through L_HJ it lagged on non-linear maps. passive_age 1: every passive
 # sample pushed by the current parameters; a stale queue cost accuracy for the time it saved.
@@ -47,8 +47,7 @@ _BY_DIMENSION = tuple(_LOW_DIM)
 
 # On a GPU (device.type == "cuda") the step is large-batch in every dimension: ncf_fast is for
 # large-batch training, and a GPU needs many rows to fill its SMs (README, "GPU defaults").
-_GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192, "backward_active": 2048,
-        "backward_batch_size": 8192}
+_GPU = {"batch_size": 16384, "mmd_active": 2048, "mmd_batch_size": 8192}
 
 
 def dimension_defaults(dim: int, device=None) -> dict:
@@ -82,8 +81,8 @@ class TrainConfig:
     mmd_weight: lambda. backward_weight: weight of the backward map's marginal
     term ED(T^-1#nu, mu) relative to the forward one's (0: the backward map is tied to the data
     only through L_HJ). backward_active, backward_batch_size: the backward term's active pulled
-    targets, and its passive pulled targets and source samples per step (mmd_active's and
-    mmd_batch_size's twins; with mmd_active 0 both terms use mmd_batch_size). collocation: mixture weights of rho
+    targets, and its passive pulled targets and source samples per step (None: mmd_active's and
+    mmd_batch_size's values; with mmd_active 0 both terms use mmd_batch_size). collocation: mixture weights of rho
     (source, target, interpolant, path, characteristic, box); box_margin: the box's widening, as a fraction of the
     data's range. eval_every: steps between held-out checks; holdout: samples per side kept
     out of training for that check (arrays of at least 4x that size only).
@@ -125,7 +124,7 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in _BY_DIMENSION + ("time_limit",):
+            if value is None and f.name in _BY_DIMENSION + _FOLLOWERS + ("time_limit",):
                 continue  # the dimension's default, filled in by resolve(); or no time limit
             if f.name == "energy_backend":
                 if value is not None:
@@ -180,6 +179,9 @@ class TrainConfig:
         preset = dimension_defaults(dim, device)
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in preset.items()
                   if k != "collocation"}
+        for follower, leader in zip(_FOLLOWERS, ("mmd_active", "mmd_batch_size")):
+            if getattr(self, follower) is None:
+                values[follower] = values[leader] or None  # mmd_active 0: no active set
         if self.collocation is None:
             values["collocation"] = preset["collocation"]
         else:

@@ -82,8 +82,8 @@ def test_dimension_defaults_fill_only_what_is_left_open():
         TrainConfig(mmd_active=2.5)
     with pytest.raises(ValueError, match="passive_age must be positive"):
         TrainConfig(passive_age=0)
-    # the network's activation also depends on the dimension, unless given
-    assert NCF(2, seed=0).model.activation == "silu" and NCF(3, seed=0).model.activation == "softplus"
+    # the network's activation: SiLU in every dimension (README, Default network), unless given
+    assert {NCF(d, seed=0).model.activation for d in (1, 2, 3, 8, 32)} == {"silu"}
     assert NCF(2, seed=0, activation="tanh").model.activation == "tanh"
 
 
@@ -105,7 +105,7 @@ def test_passive_queue_holds_passive_age_batches_the_newest_fresh(age, backward)
     assert len(queue) == age and len(trainer.passive_back) == (age if backward else 0)
     for _ in range(2):
         oldest = [p for p, _ in queue[1:]]
-        fresh, mapped = trainer._refresh_passive(queue, samples, mapping)
+        fresh, mapped = trainer._refresh_passive(queue, samples, mapping, 60)
         assert len(queue) == age
         assert sum(p.shape[0] for p, _ in queue) == age * -(-60 // age)
         assert all(a is b for a, b in zip(oldest, (p for p, _ in queue)))

@@ -102,7 +102,7 @@ def cmd_evaluate(args) -> int:
 PAPER_L2_UVP = {2: 0.010, 4: 0.021, 8: 0.086, 16: 0.15, 32: 0.44, 64: 0.86}
 # the cycle error relative to the source's spread (a rule of thumb, not a published threshold):
 # an L2-UVP of 0.1 % is an RMS error of sqrt(0.001) ~ 3 % of the spread, and both maps' errors add
-# up in the cycle; the default demos read 0.6 % (d = 2) and 2.6 % (d = 3, L2-UVP 0.07/0.14 %)
+# up in the cycle (README's metrics.json table has what the default demos read)
 CYCLE_GOOD, CYCLE_BAD = 0.05, 0.20
 
 
