@@ -20,13 +20,19 @@ computed in kernels/energy_distance.py (triton only).
 from __future__ import annotations
 
 import os
+import pathlib
 import platform
+import sys
 
 import pytest
 import torch
 
 import ncf_fast
 from ncf_fast import energy, native
+
+# the tests' shared helpers (tests/tolerance.py), importable whether pytest or python runs this
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from tolerance import setup_sets  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
@@ -61,14 +67,6 @@ def cdist_energy_distance(a, b):
             - torch.cdist(b, b).sum() / (m * (m - 1)))
 
 
-def setup_sets(n, d, seed=0):
-    """The tests' setup: a shifted, scaled Gaussian against a standard one, both (n, d) fp32."""
-    g = torch.Generator().manual_seed(seed)
-    a = (torch.randn(n, d, generator=g) * 1.5 + 0.7).to(DEVICE)
-    b = torch.randn(n, d, generator=g).to(DEVICE)
-    return a, b
-
-
 def _fits(backend, n):
     if backend == "reference":
         free = (torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 8 * 2**30)
@@ -98,7 +96,7 @@ def test_energy_distance_fwd_bwd(benchmark, backend, shape, monkeypatch):
         if d > native.MAX_D:
             pytest.skip(f"the compiled loop only runs for d <= {native.MAX_D}: same as torch")
         monkeypatch.setattr(native, "usable", lambda a, b: False)
-    a, b = setup_sets(n, d)
+    a, b = setup_sets(n, d, device=DEVICE)
     fn = cdist_energy_distance if backend == "reference" else (
         lambda x, y: energy.energy_distance(x, y, backend=backend.removesuffix("-ops")))
 

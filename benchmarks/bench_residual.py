@@ -61,7 +61,7 @@ def _sync():
 
 
 def setup_model(d, width, backend, seed=0):
-    """The same factory as tests/test_kernels_mlp.py uses: a 3 x width softplus PotentialMLP."""
+    """A 3 x width softplus PotentialMLP on DEVICE, seeded, and a CPU generator for its inputs."""
     torch.manual_seed(seed)
     model = PotentialMLP(d, (width,) * 3, "softplus", backend=backend).to(DEVICE)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -90,12 +90,32 @@ def _record(benchmark, backend, d, width, n, flops):
         info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
 
 
+def _time(benchmark, run, backend, shape, warmups, passes):
+    """Warm-up calls (JIT compile, allocator), CUDA's peak memory reset, the timed rounds (each
+    ending with a CUDA sync), and extra_info with ``passes`` GEMM sweeps per row for the TFLOP/s."""
+    d, width, n = shape
+
+    def synced():
+        run()
+        _sync()
+
+    for _ in range(warmups):
+        synced()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(synced, rounds=_rounds(n), iterations=1, warmup_rounds=1)
+    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, passes))
+
+
 def _ids(shape):
     return "d{}-w{}-n{}".format(*shape)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+# every benchmark here runs per backend and shape
+pytestmark = [pytest.mark.parametrize("backend", BACKENDS),
+              pytest.mark.parametrize("shape", SHAPES, ids=_ids)]
+
+
 def test_hj_residual_forward_backward(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
     model, g = setup_model(d, width, _backend(backend, monkeypatch))
@@ -107,19 +127,11 @@ def test_hj_residual_forward_backward(benchmark, backend, shape, monkeypatch):
         model.zero_grad(set_to_none=True)
         r = hj_residual(model, x, t, cost)
         (r * r).mean().backward()
-        _sync()
 
-    for _ in range(2):  # warm-up: JIT compile, allocator
-        step()
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=_rounds(n), iterations=1, warmup_rounds=1)
     # forward: 3 sweeps (u, grad, u0); backward ~ 3x the forward: ~12 GEMM sweeps per row
-    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 12))
+    _time(benchmark, step, backend, shape, warmups=2, passes=12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_transport(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
     ncf = NCF(d, hidden=(width,) * 3, device=DEVICE, seed=0,
@@ -130,17 +142,10 @@ def test_transport(benchmark, backend, shape, monkeypatch):
 
     def run():
         ncf.transport(x)
-        _sync()
 
-    run()
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(run, rounds=_rounds(n), iterations=1, warmup_rounds=1)
-    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 2))
+    _time(benchmark, run, backend, shape, warmups=1, passes=2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_train_step(benchmark, backend, shape, monkeypatch):
     d, width, n = shape
     model_backend = _backend(backend, monkeypatch)
@@ -153,11 +158,5 @@ def test_train_step(benchmark, backend, shape, monkeypatch):
 
     def step():
         trainer.step()
-        _sync()
 
-    for _ in range(2):
-        step()
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=_rounds(n), iterations=1, warmup_rounds=1)
-    _record(benchmark, backend, d, width, n, _gemm_flops(d, width, n, 12))
+    _time(benchmark, step, backend, shape, warmups=2, passes=12)

@@ -74,10 +74,10 @@ PY
 }
 
 if [[ $MODE == gpu ]]; then
-    TESTS=(tests/test_kernels_mlp.py tests/test_energy_kernel_gpu.py
-           -k "triton_matches_float64_reference or deterministic_mode or deterministic_gradients or canary or refuses or device_context or energy_kernel_gpu")
+    TESTS=(tests/test_mlp.py tests/test_energy_kernel_gpu.py
+           -k "(matches_float64_reference and triton) or deterministic_mode or deterministic_gradients or canary or refuses or device_context or energy_kernel_gpu")
 else
-    TESTS=(tests/test_kernels_mlp.py tests/test_energy_kernel_gpu.py
+    TESTS=(tests/test_mlp.py tests/test_energy_kernel_gpu.py
            -k "canary or d1-w24-softplus-quadratic-n1 or compiled_kernel_matches")
 fi
 

@@ -1,6 +1,6 @@
 """The compiled-kernel (GPU) test selection and the kernel configurations gpu_check warms up.
 
-One list serves both: tests/test_kernels_mlp.py parametrises its float64-parity test with
+One list serves both: tests/test_mlp.py parametrises its float64-parity test with
 GPU_CASES on CUDA, and benchmarks/gpu_warmup.py compiles every configuration the GPU check
 uses (these cases, the deterministic tests' variants, the benchmark and accuracy shapes, the
 energy kernel's d buckets) in parallel processes before the timed steps.

@@ -60,9 +60,12 @@ def _numpy_value_and_grad(params, act, x, t):
     return u, g[:, :x.shape[1]]
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("act", ["softplus", "tanh", "silu"])
 @pytest.mark.parametrize("cost", [costs.Quadratic(), costs.Power(1.5)], ids=repr)
-def test_random_network_residual_matches_independent_float64(act, cost):
+def test_random_network_residual_matches_independent_float64(act, cost, backend):
+    """Both float64 backends against a numpy forward sweep with hand-written backprop (the
+    float32 backends against the reference: tests/test_mlp.py)."""
     torch.manual_seed(3)
     model = PotentialMLP(3, (20, 13), act, backend="reference").double()
     for p in model.parameters():
@@ -74,11 +77,10 @@ def test_random_network_residual_matches_independent_float64(act, cost):
     lag = cost.lagrangian(torch.as_tensor(p)).numpy()
     u0, _ = _numpy_value_and_grad(model.params, act, x - t * vel, np.zeros_like(t))
     expected = u - t[:, 0] * lag - u0
-    for backend in ("reference", "torch"):
-        model.backend = backend
-        r = losses.hj_residual(model, torch.as_tensor(x), torch.as_tensor(t), cost)
-        np.testing.assert_allclose(r.detach().numpy(), expected, rtol=1e-10, atol=1e-12,
-                                   err_msg=f"backend {backend}")
+    model.backend = backend
+    r = losses.hj_residual(model, torch.as_tensor(x), torch.as_tensor(t), cost)
+    np.testing.assert_allclose(r.detach().numpy(), expected, rtol=1e-10, atol=1e-12,
+                               err_msg=f"backend {backend}")
 
 
 def test_residual_rejects_time_outside_horizon():

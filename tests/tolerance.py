@@ -1,4 +1,8 @@
-"""Shared test helpers: the tolerance rule and awkward shape lists.
+"""Shared test and benchmark helpers: the tolerance rule, awkward shape lists, random MLP
+parameters (make_params) and sample sets (setup_sets).
+
+The benchmarks import this module too (benchmarks/*.py put tests/ on sys.path), so that a
+benchmark times the inputs the tests check.
 
 The rule (STYLE.md): a fast result passes when
     max |fast - ref64| <= 2 * max |ref_lowp - ref64| + floor(dtype),
@@ -14,6 +18,28 @@ WIDTHS = ((24,), (40, 40, 40), (16, 48, 32))
 ROWS = (1, 37, 300)
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def make_params(d, widths, seed, dtype=torch.float32, device="cpu", bias_scale=0.5):
+    """Weights and biases [W1, b1, ..., WL, bL] of a PotentialMLP-like network on (x, t)
+    (W_l: (out, in), first in = d + 1), drawn in float64 and scaled so that activations leave the
+    linear regime; returned as leaf tensors requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    fan = (d + 1,) + tuple(widths) + (1,)
+    params = []
+    for i, o in zip(fan[:-1], fan[1:]):
+        params.append(torch.randn(o, i, generator=g, dtype=torch.float64) * (1.5 / i ** 0.5))
+        params.append(torch.randn(o, generator=g, dtype=torch.float64) * bias_scale)
+    return [p.to(device, dtype).requires_grad_() for p in params]
+
+
+def setup_sets(n, d, seed=0, m=None, device="cpu"):
+    """Two sample sets for the energy distance: a (n, d) Gaussian scaled by 1.5 and shifted by 0.7
+    against a standard (m, d) one (m = n by default), float32."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g) * 1.5 + 0.7
+    b = torch.randn(n if m is None else m, d, generator=g)
+    return a.to(device), b.to(device)
 
 
 def assert_close_to_ref(fast, ref64, ref_lowp, name: str = "value", floor: float | None = None):
