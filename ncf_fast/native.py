@@ -160,7 +160,7 @@ def _mlp_library():
 
 
 # tanh's compiled passes are left out of the torch backend: on some CPUs its weight gradients
-# miss the float64 tolerance of tests/test_native_mlp.py (README, "Backends"); the passes stay tested
+# miss the float64 tolerance of tests/test_mlp.py (README, "Backends"); the passes stay tested
 COMPILED_ACTIVATIONS = ("softplus", "silu")
 
 
