@@ -303,9 +303,11 @@ def training_figure(history: dict, title: str = ""):
     (ax_hj, ax_mmd), (ax_held, ax_lr) = fig.subplots(2, 2)
     window = max(1, len(steps) // 40)
     hj = np.asarray(history.get("hj", []), dtype=float)
-    if len(hj):
-        _curve(ax_hj, steps, hj, SOURCE, window, log=True)
+    if len(hj) and _curve(ax_hj, steps, hj, SOURCE, window, log=True) is not None:
         ax_hj.legend(loc="upper right")
+    elif len(hj):  # e.g. a fit cut after its first step, while u is still flat (L_HJ = 0)
+        ax_hj.text(0.5, 0.5, "no positive L_HJ to draw yet", transform=ax_hj.transAxes,
+                   ha="center", va="center", color=LINE)
     ax_hj.set(xlabel="step", ylabel=r"$L_{HJ} = E\,r^2$ (standardised units)",
               title="HJ characteristic residual (training batches)")
 
