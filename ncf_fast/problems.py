@@ -103,6 +103,19 @@ class GaussianOT:
             raise ValueError(f"{path}: Sigma0 must be a square matrix, got shape {s0.shape}")
         return cls(s0.shape[0], seed=seed, sigma0=s0, sigma1=s1, m0=m0, m1=m1)
 
+    @classmethod
+    def from_samples(cls, x, y, seed: int | None = None) -> "GaussianOT":
+        """The pair of Gaussians with the sample means and covariances of ``x`` and ``y`` (n, d):
+        its :meth:`forward_map` is the linear OT estimator from sample moments (POT's
+        ``LinearTransport``), exact up to sampling error when the sets are Gaussian."""
+        x, y = _to_numpy(x), _to_numpy(y)
+        if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) <= x.shape[1]:
+            raise ValueError(f"from_samples needs two (n, d) arrays with the same d and n > d, "
+                             f"got shapes {x.shape} and {y.shape}")
+        return cls(x.shape[1], seed=seed, sigma0=np.cov(x, rowvar=False).reshape(x.shape[1], -1),
+                   sigma1=np.cov(y, rowvar=False).reshape(y.shape[1], -1),
+                   m0=x.mean(0), m1=y.mean(0))
+
     def sample_source(self, n: int) -> np.ndarray:
         """n samples of N(m0, Sigma0), float64 (n, d)."""
         return self.m0 + self._rng.standard_normal((n, self.dim)) @ self._chol0.T

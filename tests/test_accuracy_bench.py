@@ -47,12 +47,12 @@ def test_the_budget_sets_steps_from_a_probe_and_caps_the_fit(monkeypatch):
 
 
 def test_the_paper_table_sits_beside_the_means():
-    rows = [{"dim": 2, "forward": 0.02, "backward": 0.04}, {"dim": 2, "forward": 0.04,
-                                                            "backward": 0.06},
-            {"dim": 5, "forward": 1.0, "backward": 2.0}]
+    rows = [{"dim": 2, "forward": 0.02, "backward": 0.04, "moments": (0.01, 0.02)},
+            {"dim": 2, "forward": 0.04, "backward": 0.06, "moments": (0.03, 0.04)},
+            {"dim": 5, "forward": 1.0, "backward": 2.0, "moments": None}]
     lines = acc.paper_rows(rows)
-    assert lines[2] == "| 2 | 2 | 0.030 | 0.050 | 0.01 | 0.01 | 0.01 |"
-    assert lines[3] == "| 5 | 1 | 1.000 | 2.000 | — | — | — |"  # no paper column for d = 5
+    assert lines[2] == "| 2 | 2 | 0.030 | 0.050 | 0.020 / 0.030 | 0.01 | 0.01 | 0.01 |"
+    assert lines[3] == "| 5 | 1 | 1.000 | 2.000 | — | — | — | — |"  # no paper column for d = 5
     assert set(acc.SEEDS) == set(acc.PAPER) == {2, 4, 8, 16, 32, 64}
     assert all(len(s) >= 3 for s in acc.SEEDS.values())
 

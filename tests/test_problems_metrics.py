@@ -35,6 +35,23 @@ def test_gaussian_potential_gives_the_map():
     assert isinstance(u, torch.Tensor) and u.shape == (50,)
 
 
+def test_from_samples_is_the_moment_matched_pair_and_checks_its_input():
+    prob = GaussianOT(3, seed=4, means=True)
+    x, y = prob.sample_source(4000), prob.sample_target(3000)
+    fit = GaussianOT.from_samples(x, y)
+    np.testing.assert_allclose(fit.sigma0, np.cov(x.T), atol=1e-12)
+    np.testing.assert_allclose(fit.m1, y.mean(0), atol=1e-12)
+    # the linear map it gives pushes x's moments onto y's exactly (Gamma Sigma0 Gamma = Sigma1)
+    pushed = fit.forward_map(x)
+    np.testing.assert_allclose(np.cov(pushed.T), np.cov(y.T), atol=1e-9)
+    np.testing.assert_allclose(pushed.mean(0), y.mean(0), atol=1e-12)
+    # and converges to the true map: sampling error only
+    assert metrics.l2_uvp(fit.forward_map(x), prob.forward_map(x), y) < 1.0
+    for bad in ((x, y[:, :2]), (x[:3], y), (x[:, 0], y)):
+        with pytest.raises(ValueError, match="from_samples needs"):
+            GaussianOT.from_samples(*bad)
+
+
 def test_from_npz_roundtrip(tmp_path):
     prob = GaussianOT(3, seed=5)
     path = tmp_path / "pair.npz"
