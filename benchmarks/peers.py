@@ -3,6 +3,7 @@
     python benchmarks/peers.py --problems gaussian,convex --dims 2 --budget 40 --methods all \\
         --out peers.json --plot peers.png
     python benchmarks/peers.py --dims 2,4,8,16,32,64 --budget 60 --methods ncf_fast,pot_linear
+    python benchmarks/peers.py --rows a.json b.json --plot peers.png  # saved rows: table, figure
 
 For every problem (``gaussian``: GaussianOT(d, seed=0), a linear OT map; ``convex``:
 ConvexOT(d, seed=0), a known non-linear Brenier map with a translation) and dimension, each
@@ -491,6 +492,19 @@ def write_rows(rows: list[dict], path: str):
     os.replace(tmp, path)
 
 
+def read_rows(paths: list[str]) -> list[dict]:
+    """The rows of :func:`write_rows` files, in order; a file that is not such an array is an error."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            got = json.load(f)
+        if not isinstance(got, list) or not all(isinstance(r, dict) and set(COLUMNS) <= r.keys()
+                                                for r in got):
+            raise SystemExit(f"peers.py: {path} is not a JSON array of rows from --out")
+        rows.extend(got)
+    return rows
+
+
 def plot_rows(rows: list[dict], path: str):
     """L2-UVP (%) against dimension per method, one panel per problem, forward solid and
     backward dashed; log scales."""
@@ -579,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_samples", type=_positive(int), default=20_000)
     p.add_argument("--map_samples", type=_positive(int), default=100_000)
     p.add_argument("--threads", type=_positive(int), default=1, help="threads per worker")
+    p.add_argument("--rows", nargs="+", metavar="FILE.json",
+                   help="fit nothing: the table (and --plot) of rows saved by earlier --out runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -605,6 +621,12 @@ def main(argv=None, methods: dict | None = None, isolate: bool = True) -> list[d
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(json.dumps(evaluate(**spec)), flush=True)
         return []
+    if args.rows:
+        rows = read_rows(args.rows)
+        print(markdown_table(rows))
+        if args.plot:
+            plot_rows(rows, args.plot)
+        return rows
     table = METHODS if methods is None else methods
     names = args.methods if methods is None else [m for m in args.methods if m in table] or list(table)
     sizes = {"n_train": args.samples, "n_test": args.test_samples, "n_map": args.map_samples}

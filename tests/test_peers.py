@@ -138,6 +138,21 @@ def test_table_and_plot(tmp_path):
     assert (tmp_path / "uvp.png").stat().st_size > 10_000
 
 
+def test_saved_rows_give_the_table_and_plot_without_fitting(tmp_path, capsys):
+    rows = [dict(peers.empty_row(m, "gaussian", d), uvp_fwd=0.1 * d, budget_s=60.0)
+            for m in ("ncf_fast", "b") for d in (2, 4)]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    peers.write_rows(rows[:2], str(a))
+    peers.write_rows(rows[2:], str(b))
+    got = peers.main(["--rows", str(a), str(b), "--plot", str(tmp_path / "uvp.png")],
+                     methods={}, isolate=False)
+    assert got == rows and (tmp_path / "uvp.png").stat().st_size > 10_000
+    assert "| b | gaussian | 4 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"method": "x"}')
+    with pytest.raises(SystemExit, match="not a JSON array of rows"):
+        peers.main(["--rows", str(tmp_path / "bad.json")], methods={}, isolate=False)
+
+
 @pytest.mark.slow  # two worker processes, each importing torch and ncf_fast: ~20 s when loaded
 def test_workers_at_a_tiny_budget_on_the_installed_methods(tmp_path):
     """The real worker processes: ncf_fast always, pot_linear where POT is installed, and a row
