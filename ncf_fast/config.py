@@ -3,7 +3,7 @@
 The file has three sections; every key has a default, so an empty file is valid::
 
     model { hidden = null, activation = null, cost = quadratic, t_final = 1.0, ... }
-    train { steps = 3000, batch_size = null, lr = null, seed = 0, collocation { ... }, ... }
+    train { steps = null, batch_size = null, lr = null, seed = 0, collocation { ... }, ... }
     run   { expname = ncf, checkpoint_every = 500, plot_points = 1500 }
 
 :data:`KEYS` lists every key with its default, type and meaning (the README's table is
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .data import check_regular_file
 from .backends import BACKENDS
 from .sampling import COLLOCATION_KINDS
-from .trainer import LOW_DIM_MAX, LR_SCHEDULES, TrainConfig, dimension_defaults
+from .trainer import LARGE_DIM_MIN, LOW_DIM_MAX, LR_SCHEDULES, TrainConfig, dimension_defaults
 
 __all__ = ["ConfigError", "KEYS", "MAX_BYTES", "defaults", "load_config", "parse_config",
            "to_hocon", "keys_markdown", "model_kwargs", "train_config"]
@@ -61,15 +61,22 @@ _TC = TrainConfig()  # the training defaults live in one place: TrainConfig
 
 
 def _by_dim(name: str, kind: str | None = None) -> str:
-    """'a (d <= 2), b (d > 2)': a dimension-dependent default, for the key descriptions."""
-    low, high = dimension_defaults(LOW_DIM_MAX), dimension_defaults(LOW_DIM_MAX + 1)
-    if kind is not None:
-        low, high = low[name].get(kind, 0.0), high[name].get(kind, 0.0)
-    else:
-        low, high = low[name], high[name]
-    if low == high:
-        return f"{low:g}"
-    return f"{low:g} (d <= {LOW_DIM_MAX}), {high:g} (d > {LOW_DIM_MAX})"
+    """'a (d <= 2), b (d >= 3)': a dimension-dependent default, for the key descriptions."""
+    starts = (1, LOW_DIM_MAX + 1, LARGE_DIM_MIN)  # where a preset may change
+    ranges = []  # [first d, value], equal neighbours merged
+    for dim in starts:
+        value = dimension_defaults(dim)[name]
+        value = value.get(kind, 0.0) if kind is not None else value
+        if not ranges or ranges[-1][1] != value:
+            ranges.append([dim, value])
+    if len(ranges) == 1:
+        return f"{ranges[0][1]:g}"
+    parts = []
+    for k, (lo, value) in enumerate(ranges):
+        hi = ranges[k + 1][0] - 1 if k + 1 < len(ranges) else None
+        where = f"d <= {hi}" if lo == 1 else f"d >= {lo}" if hi is None else f"{lo} <= d <= {hi}"
+        parts.append(f"{value:g} ({where})")
+    return ", ".join(parts)
 
 
 def _on_gpu(name: str) -> str:
@@ -91,7 +98,8 @@ KEYS: tuple[Key, ...] = (
     Key("model.energy_backend", "auto", "choice",
         "the energy distance's backend in the loss; auto = triton on CUDA for float32, d <= 64",
         BACKENDS),
-    Key("train.steps", _TC.steps, "int", "Adam steps", positive=True),
+    Key("train.steps", _TC.steps, "int", f"Adam steps; null: {_by_dim('steps')}", positive=True,
+        nullable=True),
     Key("train.batch_size", _TC.batch_size, "int",
         f"collocation points per step (L_HJ); null: {_by_dim('batch_size')}{_on_gpu('batch_size')}",
         positive=True, nullable=True),

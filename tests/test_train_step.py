@@ -178,13 +178,16 @@ def test_progress_false_never_imports_tqdm(monkeypatch):
 
 def test_gpu_defaults_are_large_batch_and_the_cpu_ones_unchanged():
     # the CPU presets exactly as measured (README, "Accuracy"): any change here changes CPU runs
-    low = {"lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
+    low = {"steps": 3000, "lr": 5e-3, "mmd_weight": 10.0, "batch_size": 512, "mmd_active": 512,
            "mmd_batch_size": 2048, "passive_age": 1, "backward_weight": 1.0,
            "collocation": {"source": 0.25, "target": 0.25, "characteristic": 0.4, "box": 0.1}}
     high = dict(low, lr=2e-3, mmd_weight=30.0, mmd_active=256,
                 collocation={"source": 0.25, "target": 0.25, "interpolant": 0.4, "box": 0.1})
-    for dim, want in ((1, low), (2, low), (3, high), (8, high), (200, high)):
+    large = dict(high, steps=6000)  # from d = 32 (LARGE_DIM_MIN)
+    for dim, want in ((1, low), (2, low), (3, high), (8, high), (31, high), (32, large),
+                      (200, large)):
         assert dimension_defaults(dim) == want == dimension_defaults(dim, "cpu")
+        assert TrainConfig().resolve(dim).steps == want["steps"]
         cfg = TrainConfig().resolve(dim, torch.device("cpu"))
         assert (cfg.batch_size, cfg.mmd_active, cfg.mmd_batch_size) == (
             512, want["mmd_active"], 2048)
@@ -194,6 +197,7 @@ def test_gpu_defaults_are_large_batch_and_the_cpu_ones_unchanged():
         assert (gpu.backward_active, gpu.backward_batch_size) == (gpu.mmd_active, gpu.mmd_batch_size)
         assert gpu.lr == dimension_defaults(dim)["lr"]  # only the batch sizes change
     assert TrainConfig(batch_size=64).resolve(8, "cuda").batch_size == 64  # given values stay
+    assert TrainConfig(steps=40).resolve(64).steps == 40
     # the backward term's sizes follow the forward term's unless given
     cfg = TrainConfig(mmd_active=40, mmd_batch_size=300).resolve(8)
     assert (cfg.backward_active, cfg.backward_batch_size) == (40, 300)

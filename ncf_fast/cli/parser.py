@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"...), or a .npz with Sigma0, Sigma1; the short forms gaussian:D[:S], TGT "
                         f"and SRC:TGT also work (default: {DEMO_PROBLEM})")
     p.add_argument("--steps", type=_positive_int, metavar="N",
-                   help="train.steps (default: train.steps of the config, 3000)")
+                   help="train.steps (default: the config's train.steps; null: 3000, 6000 from d = 32)")
     p.add_argument("--home_dir", metavar="H", help="where exps/ goes (default: current folder)")
     p.add_argument("--conf", metavar="setup.conf", help="HOCON config on top of the demo's defaults")
     p.add_argument("--seed", type=_nonneg_int, metavar="S", help="train.seed (also seeds the samples)")

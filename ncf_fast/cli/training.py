@@ -151,7 +151,7 @@ def _resume(args, device, ctx=None) -> int:
             cfg[key] = value
     cfg = config_mod.parse_config(config_mod.nested(cfg), "--resume")
     step = int(ckpt["trainer"].get("step", 0))
-    if cfg["train.steps"] < step:
+    if cfg["train.steps"] is not None and cfg["train.steps"] < step:
         raise CLIError(f"--steps {cfg['train.steps']} is below the step {step} the run has reached")
     paths = dict(run["paths"])
     for k in paths:
@@ -197,7 +197,7 @@ def _resume(args, device, ctx=None) -> int:
     if ctx is not None:
         run["ranks"] = ctx.world_size
     _report_ignored(args)
-    info(args, f"resuming {run_dir} at step {step} of {cfg['train.steps']}"
+    info(args, f"resuming {run_dir} at step {step} of {trainer.config.steps}"
          + (f" on {ctx.world_size} ranks" if ctx is not None else ""))
     return _train_and_finish(args, run_dir, run, ncf, trainer, data)
 
