@@ -483,6 +483,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot_tables(rows: list[dict]) -> str:
+    """One markdown table per problem: a row per method, a column per d, cells "forward / backward"
+    L2-UVP %, the lowest of each direction in a column in bold (a later row for the same
+    method, problem and d replaces an earlier one)."""
+    cells = {(r["problem"], r["method"], r["d"]): r for r in rows}
+    out = []
+    for problem in [p for p in PROBLEMS if any(k[0] == p for k in cells)]:
+        dims = sorted({k[2] for k in cells if k[0] == problem})
+        methods = list(dict.fromkeys(k[1] for k in cells if k[0] == problem))
+        best = {(d, key): min((r[key] for (p, _, dd), r in cells.items()
+                               if p == problem and dd == d and r[key] is not None), default=None)
+                for d in dims for key in ("uvp_fwd", "uvp_bwd")}
+
+        def cell(r, d):
+            if r is None or r["uvp_fwd"] is None:
+                return "not run" if r is None else "failed"
+            parts = [f"**{_fmt(r[k])}**" if r[k] is not None and r[k] == best[(d, k)] else _fmt(r[k])
+                     for k in ("uvp_fwd", "uvp_bwd")]
+            return " / ".join(parts)
+        out += [f"{problem}:", "", "| method | " + " | ".join(f"d = {d}" for d in dims) + " |",
+                "|---|" + "---|" * len(dims)]
+        out += [f"| {m} | " + " | ".join(cell(cells.get((problem, m, d)), d) for d in dims) + " |"
+                for m in methods]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def write_rows(rows: list[dict], path: str):
     """Rewrite ``path`` with the JSON array of rows (atomically: a cut run leaves a valid file)."""
     tmp = f"{path}.tmp"
@@ -624,6 +651,8 @@ def main(argv=None, methods: dict | None = None, isolate: bool = True) -> list[d
     if args.rows:
         rows = read_rows(args.rows)
         print(markdown_table(rows))
+        print()
+        print(pivot_tables(rows))
         if args.plot:
             plot_rows(rows, args.plot)
         return rows

@@ -147,7 +147,12 @@ def test_saved_rows_give_the_table_and_plot_without_fitting(tmp_path, capsys):
     got = peers.main(["--rows", str(a), str(b), "--plot", str(tmp_path / "uvp.png")],
                      methods={}, isolate=False)
     assert got == rows and (tmp_path / "uvp.png").stat().st_size > 10_000
-    assert "| b | gaussian | 4 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| b | gaussian | 4 |" in out
+    # the pivot: a column per d, the lowest forward error in bold, no backward map shown as —
+    assert "| method | d = 2 | d = 4 |" in out
+    assert "| ncf_fast | **0.200** / — | **0.400** / — |" in out
+    assert "| b | **0.200** / — | **0.400** / — |" in out  # a tie: both bold
     (tmp_path / "bad.json").write_text('{"method": "x"}')
     with pytest.raises(SystemExit, match="not a JSON array of rows"):
         peers.main(["--rows", str(tmp_path / "bad.json")], methods={}, isolate=False)
