@@ -108,6 +108,11 @@ def evaluate(dim: int, seed: int, steps: int | None, device: str | None, n_train
             "affine": prob.affine_uvp() if hasattr(prob, "affine_uvp") else (0.0, 0.0)}
 
 
+def _pair(values) -> str:
+    """'forward / backward' to three decimals, or — where there is none."""
+    return "—" if not values else "{:.3f} / {:.3f}".format(*values)
+
+
 def paper_rows(rows: list) -> list[str]:
     """Markdown rows: our mean forward/backward L2-UVP per d beside the paper's numbers."""
     out = ["| d | runs | ours forward (mean) | ours backward (mean) | moments map fwd / bwd (mean) "
@@ -118,8 +123,7 @@ def paper_rows(rows: list) -> list[str]:
         paper = PAPER.get(dim)
         cells = [f"{v:g}" for v in paper] if paper else ["—"] * 3
         floors = [r["moments"] for r in mine if r.get("moments")]
-        floor = ("{:.3f} / {:.3f}".format(*(sum(f[i] for f in floors) / len(floors) for i in (0, 1)))
-                 if floors else "—")
+        floor = _pair([sum(f[i] for f in floors) / len(floors) for i in (0, 1)] if floors else None)
         out.append(f"| {dim} | {len(mine)} | {sum(r['forward'] for r in mine) / len(mine):.3f} "
                    f"| {sum(r['backward'] for r in mine) / len(mine):.3f} | {floor} | "
                    + " | ".join(cells) + " |")
@@ -203,9 +207,8 @@ def main(argv=None):
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps({**r, "options": options, "model": model_options}) + "\n")
-            mom = "—" if r["moments"] is None else "{:.3f} / {:.3f}".format(*r["moments"])
             print(f"| {r['dim']} | {r['seed']} | {r['affine'][0]:.2f} / {r['affine'][1]:.2f} "
-                  f"| {mom} | {r['steps']} | {r['seconds']:.0f} | {r['forward']:.3f} | {r['backward']:.3f} "
+                  f"| {_pair(r['moments'])} | {r['steps']} | {r['seconds']:.0f} | {r['forward']:.3f} | {r['backward']:.3f} "
                   f"| {1e3 * r['ed_forward']:.3f} / {1e3 * r['ed_backward']:.3f} "
                   f"| {r['cycle']:.3f} |" + (" (cut at the budget)" if r["stopped_early"] else ""),
                   flush=True)
